@@ -1,0 +1,743 @@
+"""Tests for relay.py over real loopback sockets.
+
+Two fakes stand in for the outside world:
+
+* ``FakeOpenAI``: an in-process Realtime server speaking GA events. It checks
+  the Bearer key, records everything the relay sends, and can refuse or delay
+  the handshake, drop the session, echo audio, or send any event a test asks.
+* ``FakeTwilio``: a Media Streams client. It sends ``connected``, ``start``,
+  ``media`` every 20 ms and ``stop``, and plays received audio on a real-time
+  clock (8 bytes per ms), echoing each mark when playback reaches it and every
+  pending mark at once after a ``clear``, as Twilio does.
+
+Run with ``python -m pytest -q``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+import relay
+
+API_KEY = "sk-test-key-0123456789"
+FRAME = 160  # bytes of mu-law in one 20 ms Twilio frame
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(scenario: Callable[[], Awaitable[None]], limit: float = 30) -> None:
+    """Run one async test scenario, failing instead of hanging if it gets stuck."""
+
+    async def bounded() -> None:
+        async with asyncio.timeout(limit):
+            await scenario()
+
+    asyncio.run(bounded())
+
+
+def audio(call: int, index: int, size: int = FRAME) -> str:
+    """A distinct, recognisable base64 payload for frame ``index`` of call ``call``."""
+    head = f"c{call}f{index}:".encode()
+    return base64.b64encode(head + bytes((index + i) % 256 for i in range(size - len(head)))).decode()
+
+
+async def eventually(check: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait until ``check()`` holds (polling), or fail the test."""
+    async with asyncio.timeout(limit):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+# The fake OpenAI Realtime server --------------------------------------------------
+
+
+class FakeSession:
+    """One Realtime session as the fake server sees it."""
+
+    def __init__(self, ws: ServerConnection) -> None:
+        self.ws = ws
+        self.received: list[dict[str, Any]] = []
+        self.headers = ws.request.headers if ws.request else None
+
+    def of_type(self, kind: str) -> list[dict[str, Any]]:
+        return [event for event in self.received if event.get("type") == kind]
+
+    def appended(self) -> list[str]:
+        return [event["audio"] for event in self.of_type("input_audio_buffer.append")]
+
+    async def send(self, event: dict[str, Any]) -> None:
+        await self.ws.send(json.dumps(event))
+
+    async def say(self, item_id: str, chunks: list[str], response_id: str = "resp_1") -> None:
+        """Stream assistant audio the way the GA API does."""
+        for chunk in chunks:
+            await self.send(
+                {
+                    "type": "response.output_audio.delta",
+                    "response_id": response_id,
+                    "item_id": item_id,
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": chunk,
+                }
+            )
+
+
+class FakeOpenAI:
+    """An in-process OpenAI Realtime server (GA interface) on a loopback port."""
+
+    def __init__(self) -> None:
+        self.sessions: list[FakeSession] = []
+        self.refuse_status: int | None = None
+        self.handshake_delay = 0.0
+        self.echo_audio = False  # answer each append with the same audio as a delta
+        self.on_event: Callable[[FakeSession, dict[str, Any]], Awaitable[None]] | None = None
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FakeOpenAI]:
+        async with serve(self.handle, "127.0.0.1", 0, process_request=self.check) as server:
+            self.port = server.sockets[0].getsockname()[1]
+            yield self
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def check(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self.handshake_delay:
+            await asyncio.sleep(self.handshake_delay)
+        if self.refuse_status:
+            return connection.respond(self.refuse_status, "refused by the fake\n")
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return connection.respond(401, "bad key\n")
+        if not request.path.startswith("/v1/realtime?model="):
+            return connection.respond(404, "no such path\n")
+        return None
+
+    async def handle(self, ws: ServerConnection) -> None:
+        session = FakeSession(ws)
+        self.sessions.append(session)
+        await session.send({"type": "session.created", "session": {"type": "realtime"}})
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                event = json.loads(message)
+                session.received.append(event)
+                await self.react(session, event)
+
+    async def react(self, session: FakeSession, event: dict[str, Any]) -> None:
+        """Answer the relay as the real API would."""
+        if event["type"] == "session.update":
+            await session.send({"type": "session.updated", "session": event["session"]})
+        elif event["type"] == "input_audio_buffer.append" and self.echo_audio:
+            await session.say(f"item_{len(session.received)}", [event["audio"]])
+        if self.on_event is not None:
+            await self.on_event(session, event)
+
+    async def session(self, index: int = 0) -> FakeSession:
+        await eventually(lambda: len(self.sessions) > index)
+        return self.sessions[index]
+
+
+# The fake Twilio client --------------------------------------------------------------
+
+
+class FakeTwilio:
+    """A Twilio Media Streams client with a real-time playback clock."""
+
+    def __init__(self, url: str, number: int = 1) -> None:
+        self.url = url
+        self.number = number
+        self.stream_sid = f"MZ{number:032d}"
+        self.call_sid = f"CA{number:032d}"
+        self.received: list[dict[str, Any]] = []
+        self.media: list[str] = []
+        self.marks_echoed: list[str] = []
+        self.clears = 0
+        # The phone's playback queue: ("audio", nbytes) and ("mark", name) in arrival order.
+        self.queue: collections.deque[tuple[str, Any]] = collections.deque()
+        self.queued = asyncio.Event()
+        self.played_bytes = 0  # all audio played since the call began
+        self.chunk_started = 0.0  # when the chunk now playing began
+        self.chunk_bytes = 0  # size of the chunk now playing
+        self.closed = asyncio.Event()
+        self.ws: ClientConnection | None = None
+        self.chunk = 0
+
+    async def open(self, start: bool = True, **start_extra: Any) -> FakeTwilio:
+        self.ws = await connect(self.url, compression=None)
+        self.reader = asyncio.create_task(self.read())
+        self.player = asyncio.create_task(self.play())
+        await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
+        if start:
+            await self.start(**start_extra)
+        return self
+
+    async def start(self, **extra: Any) -> None:
+        start = {
+            "accountSid": "AC" + "0" * 32,
+            "streamSid": self.stream_sid,
+            "callSid": self.call_sid,
+            "tracks": ["inbound"],
+            "customParameters": {"caller": "+15550001111"},
+            "mediaFormat": {"encoding": "audio/x-mulaw", "sampleRate": 8000, "channels": 1},
+        }
+        start.update(extra)
+        await self.send({"event": "start", "sequenceNumber": "1", "start": start, "streamSid": self.stream_sid})
+
+    async def send(self, event: dict[str, Any] | str | bytes) -> None:
+        assert self.ws is not None
+        await self.ws.send(event if isinstance(event, (str, bytes)) else json.dumps(event))
+
+    async def send_media(self, payloads: list[str], pace: float = 0.02) -> None:
+        """Send caller audio, one frame every ``pace`` seconds, as Twilio does."""
+        for payload in payloads:
+            self.chunk += 1
+            await self.send(
+                {
+                    "event": "media",
+                    "sequenceNumber": str(self.chunk + 1),
+                    "media": {
+                        "track": "inbound",
+                        "chunk": str(self.chunk),
+                        "timestamp": str(self.chunk * 20),
+                        "payload": payload,
+                    },
+                    "streamSid": self.stream_sid,
+                }
+            )
+            if pace:
+                await asyncio.sleep(pace)
+
+    async def stop(self) -> None:
+        await self.send({"event": "stop", "sequenceNumber": "999", "streamSid": self.stream_sid,
+                         "stop": {"accountSid": "AC" + "0" * 32, "callSid": self.call_sid}})
+
+    async def read(self) -> None:
+        assert self.ws is not None
+        try:
+            async for message in self.ws:
+                event = json.loads(message)
+                self.received.append(event)
+                assert event.get("streamSid") == self.stream_sid, event
+                if event["event"] == "media":
+                    payload = event["media"]["payload"]
+                    self.media.append(payload)
+                    self.queue.append(("audio", len(base64.b64decode(payload))))
+                    self.queued.set()
+                elif event["event"] == "mark":
+                    assert event["mark"]["name"], event
+                    self.queue.append(("mark", event["mark"]["name"]))
+                    self.queued.set()
+                elif event["event"] == "clear":
+                    self.on_clear()
+                else:
+                    raise AssertionError(f"Twilio does not accept {event!r}")
+        except ConnectionClosed:
+            pass
+        finally:
+            self.closed.set()
+
+    def on_clear(self) -> None:
+        """Twilio drops queued audio and echoes every pending mark at once."""
+        self.clears += 1
+        self.played_bytes += self.playing_now()
+        self.chunk_bytes = 0
+        pending = [value for kind, value in self.queue if kind == "mark"]
+        self.queue.clear()
+        self.player.cancel()
+        self.player = asyncio.create_task(self.play())
+        for name in pending:
+            asyncio.create_task(self.echo(name))
+
+    def playing_now(self) -> int:
+        """Bytes of the current chunk already played, by the real-time clock."""
+        if not self.chunk_bytes:
+            return 0
+        return min(self.chunk_bytes, int((time.monotonic() - self.chunk_started) * 8000))
+
+    async def echo(self, name: str) -> None:
+        self.marks_echoed.append(name)
+        with contextlib.suppress(ConnectionClosed):
+            await self.send({"event": "mark", "sequenceNumber": "0", "streamSid": self.stream_sid,
+                             "mark": {"name": name}})
+
+    async def play(self) -> None:
+        """Drain queued audio at 8 bytes per ms; echo marks as playback reaches them."""
+        while True:
+            while not self.queue:
+                self.queued.clear()
+                await self.queued.wait()
+            kind, value = self.queue.popleft()
+            if kind == "audio":
+                self.chunk_started, self.chunk_bytes = time.monotonic(), value
+                await asyncio.sleep(value / 8000)
+                self.played_bytes += value
+                self.chunk_bytes = 0
+            else:
+                await self.echo(value)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+        await self.shutdown()
+
+    async def shutdown(self) -> None:
+        for task in (self.reader, self.player):
+            task.cancel()
+        await asyncio.gather(self.reader, self.player, return_exceptions=True)
+
+    @property
+    def close_code(self) -> int | None:
+        assert self.ws is not None
+        return self.ws.close_code
+
+
+# Running the relay ---------------------------------------------------------------------
+
+
+def relay_config(fake: FakeOpenAI, **env: str) -> relay.Config:
+    base = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": fake.base_url, "OPENAI_CONNECT_TIMEOUT": "2"}
+    return relay.load_config({**base, **env})
+
+
+@contextlib.asynccontextmanager
+async def running_relay(fake: FakeOpenAI, **env: str) -> AsyncIterator[tuple[relay.Relay, str]]:
+    """The real relay, in process, on a loopback port; yields it and its WebSocket URL."""
+    the_relay = relay.Relay(relay_config(fake, **env))
+    async with relay.serve_calls(the_relay, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        the_relay.port = port  # type: ignore[attr-defined]
+        yield the_relay, f"ws://127.0.0.1:{port}/media-stream"
+
+
+async def http_get(port: int, path: str, method: str = "GET", headers: str = "") -> tuple[int, dict[str, str], bytes]:
+    """A minimal HTTP/1.1 client, so the tests need nothing beyond the standard library."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\r\n".encode())
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
+    body = await reader.read() if method != "HEAD" else b""
+    writer.close()
+    return status, fields, body
+
+
+async def health(the_relay: relay.Relay) -> dict[str, Any]:
+    status, _, body = await http_get(the_relay.port, "/health")  # type: ignore[attr-defined]
+    assert status == 200
+    return json.loads(body)
+
+
+# Configuration ----------------------------------------------------------------------------
+
+
+def test_config_defaults_and_realtime_url() -> None:
+    config = relay.load_config({"OPENAI_API_KEY": API_KEY})
+    assert config.openai_url == "wss://api.openai.com/v1/realtime?model=gpt-realtime-2.1"
+    assert (config.host, config.port, config.voice) == ("0.0.0.0", 8080, "alloy")
+    assert (config.vad_threshold, config.vad_prefix_padding_ms, config.vad_silence_duration_ms) == (0.5, 300, 500)
+    assert config.drain_seconds == 10
+    assert "Tessa" in config.instructions
+    assert API_KEY not in repr(config)
+    local = relay.load_config({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1/",
+                               "OPENAI_MODEL": "my-model"})
+    assert local.openai_url == "ws://127.0.0.1:9/v1/realtime?model=my-model"
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"OPENAI_API_KEY": ""}, "OPENAI_API_KEY"),
+        ({"VOICE": "robot"}, "alloy, ash, ballad, coral, echo, sage, shimmer, verse, marin, cedar"),
+        ({"VAD_THRESHOLD": "1.5"}, "VAD_THRESHOLD"),
+        ({"VAD_THRESHOLD": "loud"}, "VAD_THRESHOLD"),
+        ({"VAD_SILENCE_DURATION_MS": "-1"}, "VAD_SILENCE_DURATION_MS"),
+        ({"VAD_PREFIX_PADDING_MS": "lots"}, "VAD_PREFIX_PADDING_MS"),
+        ({"PORT": "99999"}, "PORT"),
+        ({"OPENAI_BASE_URL": "ftp://example.com"}, "OPENAI_BASE_URL"),
+        ({"LOG_LEVEL": "CHATTY"}, "LOG_LEVEL"),
+    ],
+)
+def test_bad_settings_are_refused(env: dict[str, str], complaint: str) -> None:
+    with pytest.raises(relay.ConfigError, match=complaint):
+        relay.load_config({"OPENAI_API_KEY": API_KEY, **env})
+
+
+def start_relay_process(env: dict[str, str]) -> Awaitable[asyncio.subprocess.Process]:
+    """Start ``python relay.py`` as a newcomer would, with a clean environment."""
+    clean = {"PATH": os.environ.get("PATH", ""), "HOST": "127.0.0.1", "PORT": "0", **env}
+    return asyncio.create_subprocess_exec(
+        sys.executable, "relay.py", cwd=HERE, env=clean,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "complaint"),
+    [
+        ({"OPENAI_API_KEY": ""}, b"OPENAI_API_KEY is not set"),
+        ({"OPENAI_API_KEY": API_KEY, "VOICE": "robot"}, b"VOICE must be one of alloy, ash"),
+    ],
+)
+def test_start_up_refuses_bad_configuration(env: dict[str, str], complaint: bytes) -> None:
+    async def scenario() -> None:
+        process = await start_relay_process(env)
+        _, stderr = await process.communicate()
+        assert process.returncode == 1
+        assert complaint in stderr
+        assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback
+        assert API_KEY.encode() not in stderr
+
+    run(scenario)
+
+
+# HTTP routes ----------------------------------------------------------------------------------
+
+
+def test_health_has_the_seed_shape_and_counts_calls() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            body = await health(the_relay)
+            assert set(body) == {"status", "uptime", "timestamp", "connections", "errors", "openai_configured"}
+            assert body["status"] == "healthy" and body["openai_configured"] is True
+            assert body["uptime"].endswith("s") and body["uptime"][:-1].isdigit()
+            assert body["timestamp"].endswith("Z") and len(body["timestamp"]) == len("2026-01-01T00:00:00.000Z")
+            assert body["connections"] == {"active": 0, "total": 0} and body["errors"] == 0
+
+            twilios = [await FakeTwilio(url, n).open() for n in (1, 2)]
+            await eventually(lambda: len(fake.sessions) == 2)
+            assert (await health(the_relay))["connections"] == {"active": 2, "total": 2}
+            await twilios[0].stop()
+            await twilios[0].closed.wait()
+            await eventually(lambda: the_relay.stats.active == 1)
+            assert (await health(the_relay))["connections"] == {"active": 1, "total": 2}
+            await twilios[1].close()
+            await eventually(lambda: the_relay.stats.active == 0)
+            assert (await health(the_relay))["connections"] == {"active": 0, "total": 2}
+            await twilios[0].shutdown()
+
+    run(scenario)
+
+
+def test_health_answers_head_and_plain_http_gets_a_helpful_answer() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            status, fields, body = await http_get(the_relay.port, "/health", method="HEAD")  # type: ignore[attr-defined]
+            assert status == 200 and fields["content-type"] == "application/json" and body == b""
+            status, _, body = await http_get(the_relay.port, "/media-stream")  # type: ignore[attr-defined]
+            assert status == 426 and b"Twilio Media Streams" in body
+            assert not fake.sessions  # a plain request costs nothing
+
+    run(scenario)
+
+
+def test_every_path_upgrades_to_a_media_stream() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (_, url):
+            root = url.removesuffix("/media-stream")
+            for path in ("", "/", "/media-stream", "/anything?x=1"):
+                twilio = await FakeTwilio(root + path).open()
+                await twilio.stop()
+                await twilio.closed.wait()
+                await twilio.shutdown()
+            assert len(fake.sessions) == 4
+
+    run(scenario)
+
+
+# A call, end to end -------------------------------------------------------------------------------
+
+
+def test_session_update_is_the_ga_shape() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(
+            fake, VOICE="marin", INSTRUCTIONS="Be brief.", VAD_THRESHOLD="0.7",
+            VAD_PREFIX_PADDING_MS="200", VAD_SILENCE_DURATION_MS="650",
+        ) as (_, url):
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await eventually(lambda: bool(session.received))
+            assert "openai-beta" not in {name.lower() for name in session.headers}
+            assert session.headers["Authorization"] == f"Bearer {API_KEY}"
+            assert "permessage-deflate" not in session.headers.get("Sec-WebSocket-Extensions", "")
+            first = session.received[0]
+            assert first["type"] == "session.update"
+            config = first["session"]
+            assert config["type"] == "realtime"
+            assert config["output_modalities"] == ["audio"]
+            assert config["instructions"].startswith("Be brief.")
+            assert config["audio"]["input"]["format"] == {"type": "audio/pcmu"}
+            assert config["audio"]["output"] == {"format": {"type": "audio/pcmu"}, "voice": "marin"}
+            vad = config["audio"]["input"]["turn_detection"]
+            assert vad["type"] == "server_vad"
+            assert (vad["threshold"], vad["prefix_padding_ms"], vad["silence_duration_ms"]) == (0.7, 200, 650)
+            await twilio.close()
+
+    run(scenario)
+
+
+def test_audio_both_ways_byte_exact_and_in_order_across_concurrent_calls() -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.echo_audio = True
+        async with fake.running(), running_relay(fake) as (_, url):
+            calls = 4
+            frames = {n: [audio(n, i) for i in range(40)] for n in range(1, calls + 1)}
+            twilios = [await FakeTwilio(url, n).open() for n in frames]
+            await asyncio.gather(*(t.send_media(frames[t.number]) for t in twilios))
+            for twilio in twilios:
+                await eventually(lambda: len(twilio.media) >= 40)
+            by_call = {}
+            for session in fake.sessions:
+                appended = session.appended()
+                by_call[base64.b64decode(appended[0]).split(b"f")[0].decode()] = appended
+            for twilio in twilios:
+                assert by_call[f"c{twilio.number}"] == frames[twilio.number]
+                assert twilio.media == frames[twilio.number]
+            await asyncio.gather(*(t.close() for t in twilios))
+
+    run(scenario)
+
+
+def test_no_caller_audio_is_lost_while_openai_is_slow_to_answer() -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.handshake_delay = 0.6
+        async with fake.running(), running_relay(fake) as (_, url):
+            twilio = await FakeTwilio(url).open()
+            frames = [audio(1, i) for i in range(60)]  # 1.2 s: half of it before OpenAI answers
+            await twilio.send_media(frames)
+            session = await fake.session()
+            await eventually(lambda: len(session.appended()) == 60)
+            assert session.received[0]["type"] == "session.update"
+            assert session.appended() == frames
+            await twilio.close()
+
+    run(scenario)
+
+
+def test_early_audio_is_bounded_and_keeps_the_newest(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.handshake_delay = 1.0
+        async with fake.running(), running_relay(fake) as (_, url):
+            twilio = await FakeTwilio(url).open()
+            frames = [audio(1, i) for i in range(relay.EARLY_AUDIO_LIMIT + 50)]
+            await twilio.send_media(frames, pace=0)
+            session = await fake.session()
+            await eventually(lambda: len(session.appended()) == relay.EARLY_AUDIO_LIMIT)
+            assert session.appended() == frames[50:]
+            await twilio.close()
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        run(scenario)
+    assert sum("dropping the oldest caller audio" in r.message for r in caplog.records) == 1
+
+
+def test_twilio_stop_closes_openai_and_leaves_no_task_behind() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            baseline = len(asyncio.all_tasks())
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await twilio.stop()
+            await session.ws.wait_closed()
+            await twilio.closed.wait()
+            await eventually(lambda: the_relay.stats.active == 0)
+            await twilio.shutdown()
+            await eventually(lambda: len(asyncio.all_tasks()) <= baseline)
+            assert twilio.close_code == 1000
+
+    run(scenario)
+
+
+def test_openai_hanging_up_mid_call_closes_twilio(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await session.ws.close(1011, "server trouble")
+            await twilio.closed.wait()
+            assert twilio.close_code == 1011
+            assert (await health(the_relay))["errors"] == 1
+            await twilio.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("code 1011 'server trouble'" in r.message and "CA" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("status", [401, 403, 429, 500, 503])
+def test_openai_refusing_the_handshake_hands_the_call_back_to_twilio(
+    status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.refuse_status = status
+        async with fake.running(), running_relay(fake) as (the_relay, url):
+            twilio = await FakeTwilio(url).open()
+            await twilio.closed.wait()
+            assert twilio.close_code == 1011
+            assert (await health(the_relay))["errors"] == 1
+            await twilio.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any(f"HTTP {status}" in r.message for r in caplog.records if r.levelno == logging.ERROR)
+    assert not any(API_KEY in r.getMessage() for r in caplog.records)
+
+
+def test_wrong_api_key_is_refused_by_openai(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, OPENAI_API_KEY="sk-wrong") as (_, url):
+            twilio = await FakeTwilio(url).open()
+            await twilio.closed.wait()
+            await twilio.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("HTTP 401" in r.message for r in caplog.records)
+
+
+def test_openai_handshake_timeout(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.handshake_delay = 5
+        async with fake.running(), running_relay(fake, OPENAI_CONNECT_TIMEOUT="0.3") as (the_relay, url):
+            twilio = await FakeTwilio(url).open()
+            await twilio.closed.wait()
+            assert twilio.close_code == 1011
+            assert (await health(the_relay))["errors"] == 1
+            await twilio.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("did not answer within 0.3 s" in r.message for r in caplog.records)
+
+
+def test_unreachable_openai(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        async with fake.running():
+            pass  # the port is now closed
+        async with running_relay(fake) as (the_relay, url):
+            twilio = await FakeTwilio(url).open()
+            await twilio.closed.wait()
+            assert twilio.close_code == 1011
+            await twilio.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("could not be reached" in r.message for r in caplog.records)
+
+
+def test_openai_error_events_are_logged_loudly_and_the_call_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await session.send({"type": "error", "event_id": "e1", "error": {
+                "type": "invalid_request_error", "code": "unknown_parameter",
+                "message": "Unknown parameter: 'session.voicez'.", "param": "session.voicez"}})
+            await session.send({"type": "rate_limits.updated", "rate_limits": []})
+            await session.say("item_1", [audio(9, 1)])
+            await eventually(lambda: len(twilio.media) == 1)
+            assert (await health(the_relay))["errors"] == 1
+            await twilio.close()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("unknown_parameter" in m and "session.voicez" in m and "invalid_request_error" in m for m in errors)
+
+
+def test_bad_input_from_twilio_is_logged_and_the_call_goes_on(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            bystander = await FakeTwilio(url, 2).open()
+            twilio = await FakeTwilio(url, 1).open(start=False)
+            await twilio.send_media([audio(1, 0)])  # media before start
+            await twilio.send({"event": "start", "start": {"callSid": "CAx"}})  # no streamSid
+            await twilio.start()
+            for bad in ("not json", b"\x00\x01binary", "[1, 2]", "42", '{"no_event": 1}', '{"event": 7}',
+                        '{"event": "media"}', '{"event": "media", "media": {"payload": 5}}',
+                        '{"event": "something_new"}'):
+                await twilio.send(bad)
+            frames = [audio(1, i) for i in range(1, 6)]
+            await twilio.send_media(frames)
+            await bystander.send_media([audio(2, 0)])
+            await eventually(lambda: any(s.appended() == frames for s in fake.sessions))
+            await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
+            assert (await health(the_relay))["errors"] == 10
+            assert the_relay.stats.active == 2
+            await asyncio.gather(twilio.close(), bystander.close())
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for problem in ("media before start", "start without start.streamSid", "non-JSON text", "binary frame",
+                    "JSON that is not an object", "event without a valid 'event' field",
+                    "media without media.payload"):
+        assert any(problem in w and "call " in w for w in warnings), problem
+    assert any("unknown Twilio event 'something_new'" in r.getMessage() for r in caplog.records)
+
+
+# Shutdown ---------------------------------------------------------------------------------------
+
+
+async def read_port(process: asyncio.subprocess.Process) -> int:
+    """Read the relay's log until it says which port it listens on."""
+    assert process.stderr is not None
+    while True:
+        line = (await process.stderr.readline()).decode()
+        assert line, "relay exited before listening"
+        if "relay listening on port" in line:
+            return int(line.split("relay listening on port ")[1].split(":")[0])
+
+
+def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake:
+            process = await start_relay_process({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": fake.base_url,
+                                                 "DRAIN_SECONDS": "1"})
+            port = await read_port(process)
+            url = f"ws://127.0.0.1:{port}/media-stream"
+            staying, leaving = FakeTwilio(url, 1), FakeTwilio(url, 2)
+            await staying.open()
+            await leaving.open()
+            await eventually(lambda: len(fake.sessions) == 2)
+            process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            with pytest.raises(OSError):
+                await connect(url, open_timeout=1)  # no new calls
+            await leaving.send_media([audio(2, 0)])  # running calls still work while draining
+            await eventually(lambda: any(s.appended() for s in fake.sessions))
+            await leaving.stop()
+            await leaving.closed.wait()
+            assert leaving.close_code == 1000
+            await staying.closed.wait()
+            assert staying.close_code == 1012
+            _, stderr = await process.communicate()
+            assert process.returncode == 0
+            assert b"stopped: 2 call(s) served" in stderr
+            await asyncio.gather(staying.shutdown(), leaving.shutdown())
+
+    run(scenario)
