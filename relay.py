@@ -52,11 +52,20 @@ VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
 DEFAULT_INSTRUCTIONS = (
     "You are Tessa, a warm and friendly phone assistant. "
     "Keep every answer short and conversational: this is a phone call, not an essay. "
-    "Always answer in the language the caller speaks."
+    "Always answer in the language the caller speaks. "
+    "When the caller says goodbye or the conversation is clearly finished, "
+    "say a short goodbye and then call the end_call tool to hang up."
 )
+DEFAULT_GREETING = "Hi, this is Tessa. How can I help you today?"
+TIME_LIMIT_GOODBYE = (
+    "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
+)
+TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # used only when LOG_TRANSCRIPTS is on
 
 CLOSE_TIMEOUT = 1.0  # seconds to wait for a peer to acknowledge a close
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
+GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
+BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 
 
 class ConfigError(Exception):
@@ -79,6 +88,11 @@ class Config:
     log_level: str = "INFO"
     drain_seconds: float = 10.0
     openai_connect_timeout: float = 10.0
+    greeting: str = DEFAULT_GREETING
+    dtmf: bool = True
+    end_call_tool: bool = True
+    max_call_seconds: float = 3300.0
+    log_transcripts: bool = False
 
     def __repr__(self) -> str:
         """Keep the API key out of any log line or traceback that shows the config."""
@@ -107,6 +121,18 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
     return value
+
+
+def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """Read an on/off setting; anything unrecognised is refused rather than guessed."""
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be on or off (true/false, 1/0), got {raw!r}")
 
 
 def load_config(env: Mapping[str, str]) -> Config:
@@ -138,33 +164,74 @@ def load_config(env: Mapping[str, str]) -> Config:
         log_level=log_level,
         drain_seconds=_number(env, "DRAIN_SECONDS", 10, 0, 3600),
         openai_connect_timeout=_number(env, "OPENAI_CONNECT_TIMEOUT", 10, 0.1, 120),
+        # Unlike the other settings, an empty GREETING is meaningful: no greeting.
+        greeting=env.get("GREETING", DEFAULT_GREETING).strip(),
+        dtmf=_switch(env, "DTMF", True),
+        end_call_tool=_switch(env, "END_CALL_TOOL", True),
+        max_call_seconds=_number(env, "MAX_CALL_SECONDS", 3300, 1, 3600),
+        log_transcripts=_switch(env, "LOG_TRANSCRIPTS", False),
     )
 
 
 # 2. What the relay tells OpenAI ----------------------------------------------
 
 
+END_CALL_TOOL = {
+    "type": "function",
+    "name": "end_call",
+    "description": (
+        "Hang up the phone call. Use it only after you have said goodbye, when the caller "
+        "wants to end the call or the conversation is finished."
+    ),
+    "parameters": {
+        "type": "object",
+        "properties": {"reason": {"type": "string", "description": "Why the call is ending."}},
+    },
+}
+
+
 def session_update(config: Config) -> dict[str, Any]:
     """The GA ``session.update``: mu-law both ways, server-side turn detection."""
-    return {
-        "type": "session.update",
-        "session": {
-            "type": "realtime",
-            "output_modalities": ["audio"],
-            "instructions": config.instructions,
-            "audio": {
-                "input": {
-                    "format": {"type": "audio/pcmu"},
-                    "turn_detection": {
-                        "type": "server_vad",
-                        "threshold": config.vad_threshold,
-                        "prefix_padding_ms": config.vad_prefix_padding_ms,
-                        "silence_duration_ms": config.vad_silence_duration_ms,
-                    },
-                },
-                "output": {"format": {"type": "audio/pcmu"}, "voice": config.voice},
-            },
+    audio_input: dict[str, Any] = {
+        "format": {"type": "audio/pcmu"},
+        "turn_detection": {
+            "type": "server_vad",
+            "threshold": config.vad_threshold,
+            "prefix_padding_ms": config.vad_prefix_padding_ms,
+            "silence_duration_ms": config.vad_silence_duration_ms,
+            # The server cancels the agent's answer when the caller speaks, so the
+            # relay never sends response.cancel itself; it only clears the phone.
+            "create_response": True,
+            "interrupt_response": True,
         },
+    }
+    if config.log_transcripts:
+        audio_input["transcription"] = {"model": TRANSCRIPTION_MODEL}
+    session: dict[str, Any] = {
+        "type": "realtime",
+        "output_modalities": ["audio"],
+        "instructions": config.instructions,
+        "audio": {
+            "input": audio_input,
+            "output": {"format": {"type": "audio/pcmu"}, "voice": config.voice},
+        },
+    }
+    if config.end_call_tool:
+        session["tools"] = [END_CALL_TOOL]
+        session["tool_choice"] = "auto"
+    return {"type": "session.update", "session": session}
+
+
+def respond(instructions: str) -> dict[str, Any]:
+    """Ask the model to speak now, following these instructions for this one answer."""
+    return {"type": "response.create", "response": {"instructions": instructions}}
+
+
+def user_text(text: str) -> dict[str, Any]:
+    """A text message from the caller's side of the conversation."""
+    return {
+        "type": "conversation.item.create",
+        "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
     }
 
 
@@ -181,6 +248,76 @@ async def connect_openai(config: Config) -> ClientConnection:
 
 
 # 3. One phone call -------------------------------------------------------------
+
+
+def decoded_size(payload: str) -> int:
+    """Bytes of audio in a base64 payload, without decoding it."""
+    return len(payload) * 3 // 4 - payload[-2:].count("=")
+
+
+@dataclasses.dataclass(frozen=True)
+class Interruption:
+    """Where the caller cut the agent off: what they heard of an item, and what was sent."""
+
+    item_id: str
+    content_index: int
+    heard_ms: int
+    sent_ms: int
+
+
+class Playback:
+    """How much of the agent's audio the caller has actually heard.
+
+    After each chunk sent to Twilio the relay sends a mark, and Twilio echoes the
+    mark when playback reaches it. Each mark name is used once and remembered with
+    the item and the byte offset it ends at, so an echo says exactly how far into
+    that item the caller has heard (8 bytes of mu-law = 1 ms). After a ``clear``,
+    Twilio echoes every pending mark at once; those names have been forgotten by
+    then, so the late echoes credit nothing.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict[str, tuple[str, int, int]] = {}  # mark -> (item, content, end byte)
+        self.marks_sent = 0
+        self.item_id = ""  # the item being streamed to Twilio now
+        self.item_bytes = 0  # how much of it has been sent
+        self.heard_item = ""  # the item of the last echoed mark
+        self.heard_bytes = 0  # and how far into it playback had got
+        self.muted: set[str] = set()  # items cut off by the caller: their late audio is dropped
+        self.drained = asyncio.Event()  # set while nothing is queued on the phone
+        self.drained.set()
+
+    def sent(self, item_id: str, content_index: int, size: int) -> str:
+        """Record a chunk sent to Twilio; return the name of the mark to send after it."""
+        if item_id != self.item_id:
+            self.item_id, self.item_bytes = item_id, 0
+        self.item_bytes += size
+        self.marks_sent += 1
+        name = f"m{self.marks_sent}"
+        self.pending[name] = (item_id, content_index, self.item_bytes)
+        self.drained.clear()
+        return name
+
+    def played(self, name: str) -> None:
+        """Twilio echoed a mark: playback reached it."""
+        mark = self.pending.pop(name, None)
+        if mark is None:
+            return  # a late echo after a clear, or a mark we never sent
+        self.heard_item, _, self.heard_bytes = mark
+        if not self.pending:
+            self.drained.set()
+
+    def interrupt(self) -> Interruption | None:
+        """The caller spoke: mute the agent's current audio and say what was cut off, if anything."""
+        self.muted = {item for item, _, _ in self.pending.values()} | {self.item_id}
+        if not self.pending:
+            return None
+        item_id, content_index, _ = next(iter(self.pending.values()))  # the oldest: playing now
+        heard = self.heard_bytes if self.heard_item == item_id else 0
+        sent = max(end for item, _, end in self.pending.values() if item == item_id)
+        self.pending.clear()
+        self.drained.set()
+        return Interruption(item_id, content_index, heard // BYTES_PER_MS, sent // BYTES_PER_MS)
 
 
 class CallLog(logging.LoggerAdapter):
@@ -204,6 +341,11 @@ class Call:
         # Caller audio that arrives while OpenAI is still connecting, sent once it is ready.
         self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
         self.openai_ready = False
+        self.session_configured = False
+        self.greeted = False
+        self.responding = False  # between response.created and response.done
+        self.playback = Playback()
+        self.hang_up_reason = ""  # set when the relay decides to end the call
         self.warned: set[str] = set()
         self.close_code = 1000  # 1011 when OpenAI failed; either way Twilio goes on with the TwiML
         self.log = CallLog(logger, {"call": self})
@@ -218,6 +360,7 @@ class Call:
             asyncio.create_task(self.twilio_to_openai()),
             asyncio.create_task(self.openai_to_twilio()),
         ]
+        timer = asyncio.create_task(self.enforce_time_limit())
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -225,12 +368,23 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
-            for task in pumps:
+            for task in (*pumps, timer):
                 task.cancel()
-            await asyncio.gather(*pumps, return_exceptions=True)
+            await asyncio.gather(*pumps, timer, return_exceptions=True)
             if self.openai is not None:
                 await self.openai.close()
             await self.twilio.close(self.close_code)
+
+    async def to_openai(self, event: dict[str, Any]) -> None:
+        """Send an event to OpenAI, or keep it until the session is configured."""
+        message = json.dumps(event)
+        if self.openai_ready:
+            await self.openai.send(message)  # type: ignore[union-attr]
+            return
+        if len(self.early) == self.early.maxlen and "early audio overflow" not in self.warned:
+            self.warned.add("early audio overflow")
+            self.log.warning("OpenAI is slow to connect: dropping the oldest caller audio")
+        self.early.append(message)
 
     # Twilio -> OpenAI
 
@@ -259,20 +413,24 @@ class Call:
         kind = event.get("event")
         if kind == "media":
             await self.on_media(event)
+        elif kind == "mark":
+            self.on_mark(event)
         elif kind == "start":
-            self.on_start(event)
+            await self.on_start(event)
+        elif kind == "dtmf":
+            await self.on_dtmf(event)
         elif kind == "stop":
-            self.log.info("Twilio stopped the stream")
+            self.log.info("the caller hung up (Twilio stopped the stream)")
             return False
-        elif kind in ("connected", "mark", "dtmf"):
-            self.log.debug("Twilio %s", kind)
+        elif kind == "connected":
+            self.log.debug("Twilio connected")
         elif isinstance(kind, str):
             self.log.debug("ignoring unknown Twilio event %r", kind)
         else:
             self.bad_input("event without a valid 'event' field", repr(event)[:80])
         return True
 
-    def on_start(self, event: dict[str, Any]) -> None:
+    async def on_start(self, event: dict[str, Any]) -> None:
         start = event.get("start")
         if not isinstance(start, dict) or not isinstance(start.get("streamSid"), str):
             self.bad_input("start without start.streamSid", repr(event)[:120])
@@ -282,6 +440,7 @@ class Call:
         parameters = start.get("customParameters")
         names = sorted(parameters) if isinstance(parameters, dict) else []
         self.log.info("stream started (custom parameters: %s)", ", ".join(names) or "none")
+        await self.greet()
 
     async def on_media(self, event: dict[str, Any]) -> None:
         if not self.stream_sid:
@@ -292,14 +451,29 @@ class Call:
         if not isinstance(payload, str):
             self.bad_input("media without media.payload", repr(event)[:120])
             return
-        message = json.dumps({"type": "input_audio_buffer.append", "audio": payload})
-        if self.openai_ready:
-            await self.openai.send(message)  # type: ignore[union-attr]
-        else:
-            if len(self.early) == self.early.maxlen and "early audio overflow" not in self.warned:
-                self.warned.add("early audio overflow")
-                self.log.warning("OpenAI is slow to connect: dropping the oldest caller audio")
-            self.early.append(message)
+        await self.to_openai({"type": "input_audio_buffer.append", "audio": payload})
+
+    def on_mark(self, event: dict[str, Any]) -> None:
+        mark = event.get("mark")
+        name = mark.get("name") if isinstance(mark, dict) else None
+        if not isinstance(name, str):
+            self.bad_input("mark without mark.name", repr(event)[:120])
+            return
+        self.playback.played(name)
+
+    async def on_dtmf(self, event: dict[str, Any]) -> None:
+        """A keypad press becomes a line of text for the model, so it can run menus."""
+        dtmf = event.get("dtmf")
+        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        if not isinstance(digit, str) or len(digit) != 1 or digit not in "0123456789*#ABCD":
+            self.bad_input("dtmf without a valid dtmf.digit", repr(event)[:120])
+            return
+        if not self.config.dtmf:
+            return
+        self.log.info("the caller pressed a key")  # not which one: it may be a PIN
+        await self.to_openai(user_text(f"The caller pressed {digit} on the keypad."))
+        if not self.responding:  # otherwise the model sees it when it next answers
+            await self.to_openai({"type": "response.create"})
 
     def bad_input(self, problem: str, detail: str) -> None:
         """Count bad input from Twilio, and warn once per kind of problem per call."""
@@ -358,19 +532,100 @@ class Call:
             return
         if kind == "response.output_audio.delta":
             await self.send_audio(event)
+        elif kind == "input_audio_buffer.speech_started":
+            await self.on_caller_speech()
+        elif kind == "response.created":
+            self.responding = True
+        elif kind == "response.output_item.done":
+            await self.on_output_item(event.get("item"))
+        elif kind == "response.done":
+            self.responding = False
+            if self.hang_up_reason:
+                await self.hang_up()
         elif kind == "error":
-            self.on_openai_error(event)
+            await self.on_openai_error(event)
         elif kind == "session.updated":
+            self.session_configured = True
             self.log.info("session configured: voice %s", self.config.voice)
+            await self.greet()
+        elif self.config.log_transcripts:
+            self.log_transcript(kind, event)
 
     async def send_audio(self, event: dict[str, Any]) -> None:
-        delta = event.get("delta")
-        if not isinstance(delta, str) or not self.stream_sid:
+        """Forward one chunk of the agent's voice, with a mark to learn when it has been heard."""
+        delta, item_id = event.get("delta"), event.get("item_id")
+        if not isinstance(delta, str) or not isinstance(item_id, str) or not self.stream_sid:
             return
+        if item_id in self.playback.muted:
+            return  # the rest of an answer the caller has already interrupted
+        mark = self.playback.sent(item_id, event.get("content_index", 0), decoded_size(delta))
         media = {"event": "media", "streamSid": self.stream_sid, "media": {"payload": delta}}
         await self.twilio.send(json.dumps(media))
+        await self.twilio.send(json.dumps({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": mark}}))
 
-    def on_openai_error(self, event: dict[str, Any]) -> None:
+    async def on_caller_speech(self) -> None:
+        """Barge-in: stop the phone playing the agent, and tell OpenAI what the caller heard."""
+        cut = self.playback.interrupt()
+        if cut is None:
+            return  # nothing is playing: there is nothing to stop
+        await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+        await self.to_openai(
+            {
+                "type": "conversation.item.truncate",
+                "item_id": cut.item_id,
+                "content_index": cut.content_index,
+                "audio_end_ms": cut.heard_ms,
+            }
+        )
+        self.relay.stats.barge_ins += 1
+        self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
+
+    async def greet(self) -> None:
+        """Have the agent speak first, once the session is configured and the stream has started."""
+        if self.greeted or not self.config.greeting or not (self.session_configured and self.stream_sid):
+            return
+        self.greeted = True
+        await self.to_openai(respond(f"Greet the caller by saying exactly this: {self.config.greeting}"))
+
+    async def on_output_item(self, item: Any) -> None:
+        """The model called ``end_call``: confirm it, and hang up once this answer is over."""
+        if not isinstance(item, dict) or item.get("type") != "function_call" or item.get("name") != "end_call":
+            return
+        try:
+            reason = str(json.loads(item.get("arguments") or "{}").get("reason") or "no reason given")
+        except (ValueError, AttributeError):
+            reason = "no reason given"
+        await self.to_openai(
+            {
+                "type": "conversation.item.create",
+                "item": {"type": "function_call_output", "call_id": item.get("call_id"), "output": '{"ok": true}'},
+            }
+        )
+        self.hang_up_reason = f"the agent ended the call ({reason})"
+
+    async def enforce_time_limit(self) -> None:
+        """End the call politely before OpenAI's 60-minute session limit cuts it off."""
+        await asyncio.sleep(self.config.max_call_seconds)
+        self.hang_up_reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
+        self.log.info("time limit reached: asking the agent to say goodbye")
+        await self.to_openai(respond(TIME_LIMIT_GOODBYE))
+        await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
+        await self.hang_up()
+
+    async def hang_up(self) -> None:
+        """Let the goodbye finish playing, then close Twilio's socket.
+
+        Twilio then runs the TwiML after ``<Connect>`` (README puts ``<Hangup/>`` there).
+        """
+        try:
+            async with asyncio.timeout(GOODBYE_PLAYBACK_LIMIT):
+                await self.playback.drained.wait()
+        except TimeoutError:
+            self.log.warning("the goodbye is still playing after %g s", GOODBYE_PLAYBACK_LIMIT)
+        self.log.info("hanging up: %s", self.hang_up_reason)
+        await self.twilio.close(1000, "call ended")
+
+    async def on_openai_error(self, event: dict[str, Any]) -> None:
         """Errors mean OpenAI ignored something we sent (a bad field keeps the old config)."""
         error = event.get("error") if isinstance(event.get("error"), dict) else {}
         self.relay.count_error("openai_error")
@@ -378,6 +633,15 @@ class Call:
             "OpenAI error: type=%s code=%s message=%s param=%s",
             error.get("type"), error.get("code"), error.get("message"), error.get("param"),
         )
+        if error.get("code") == "session_expired":
+            self.hang_up_reason = "the OpenAI session expired"
+            await self.hang_up()
+
+    def log_transcript(self, kind: str, event: dict[str, Any]) -> None:
+        if kind == "conversation.item.input_audio_transcription.completed":
+            self.log.info("caller: %s", event.get("transcript", ""))
+        elif kind == "response.output_audio_transcript.done":
+            self.log.info("agent: %s", event.get("transcript", ""))
 
 
 # 4. The relay: HTTP routes and shared bookkeeping --------------------------------
@@ -388,8 +652,8 @@ class Stats:
     """Counters shown by /health and logged at shutdown."""
 
     started: float = dataclasses.field(default_factory=time.monotonic)
-    active: int = 0
     total: int = 0
+    barge_ins: int = 0
     errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
 
 
@@ -399,6 +663,7 @@ class Relay:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stats = Stats()
+        self.calls: set[Call] = set()
 
     def count_error(self, kind: str) -> None:
         self.stats.errors[kind] += 1
@@ -422,22 +687,22 @@ class Relay:
             "status": "healthy",
             "uptime": f"{time.monotonic() - self.stats.started:.0f}s",
             "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-            "connections": {"active": self.stats.active, "total": self.stats.total},
+            "connections": {"active": len(self.calls), "total": self.stats.total},
             "errors": sum(self.stats.errors.values()),
             "openai_configured": True,
         }
 
     async def handle(self, twilio: ServerConnection) -> None:
         """Carry one call from accept to hang-up."""
-        self.stats.active += 1
         self.stats.total += 1
         call = Call(self, twilio, self.stats.total)
-        call.log.info("Twilio connected from %s (%d active)", remote_address(twilio), self.stats.active)
+        self.calls.add(call)
+        call.log.info("Twilio connected from %s (%d active)", remote_address(twilio), len(self.calls))
         try:
             await call.run()
         finally:
-            self.stats.active -= 1
-            call.log.info("call ended (%d active)", self.stats.active)
+            self.calls.discard(call)
+            call.log.info("call ended (%d active)", len(self.calls))
 
 
 def json_response(body: dict[str, Any], head: bool = False) -> Response:
@@ -497,7 +762,7 @@ async def drain(server: Server, relay: Relay) -> None:
     server.close(close_connections=False)
     logger.info(
         "shutting down: no new calls; waiting up to %g s for %d active call(s)",
-        relay.config.drain_seconds, relay.stats.active,
+        relay.config.drain_seconds, len(relay.calls),
     )
     try:
         async with asyncio.timeout(relay.config.drain_seconds):

@@ -22,6 +22,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -74,6 +75,7 @@ class FakeSession:
         self.ws = ws
         self.received: list[dict[str, Any]] = []
         self.headers = ws.request.headers if ws.request else None
+        self.tasks: list[asyncio.Task[None]] = []
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [event for event in self.received if event.get("type") == kind]
@@ -107,6 +109,8 @@ class FakeOpenAI:
         self.refuse_status: int | None = None
         self.handshake_delay = 0.0
         self.echo_audio = False  # answer each append with the same audio as a delta
+        self.configure = asyncio.Event()  # cleared: hold back session.updated until set
+        self.configure.set()
         self.on_event: Callable[[FakeSession, dict[str, Any]], Awaitable[None]] | None = None
 
     @contextlib.asynccontextmanager
@@ -143,11 +147,16 @@ class FakeOpenAI:
     async def react(self, session: FakeSession, event: dict[str, Any]) -> None:
         """Answer the relay as the real API would."""
         if event["type"] == "session.update":
-            await session.send({"type": "session.updated", "session": event["session"]})
+            session.tasks.append(asyncio.create_task(self.confirm(session, event)))
         elif event["type"] == "input_audio_buffer.append" and self.echo_audio:
             await session.say(f"item_{len(session.received)}", [event["audio"]])
         if self.on_event is not None:
             await self.on_event(session, event)
+
+    async def confirm(self, session: FakeSession, update: dict[str, Any]) -> None:
+        await self.configure.wait()
+        with contextlib.suppress(ConnectionClosed):
+            await session.send({"type": "session.updated", "session": update["session"]})
 
     async def session(self, index: int = 0) -> FakeSession:
         await eventually(lambda: len(self.sessions) > index)
@@ -178,6 +187,9 @@ class FakeTwilio:
         self.closed = asyncio.Event()
         self.ws: ClientConnection | None = None
         self.chunk = 0
+        self.clear_echo_delay = 0.0  # hold back the echoes a clear causes, to test late ones
+        self.late_echoes: asyncio.Task[None] | None = None
+        self.played_at_clear: list[int] = []
 
     async def open(self, start: bool = True, **start_extra: Any) -> FakeTwilio:
         self.ws = await connect(self.url, compression=None)
@@ -257,13 +269,18 @@ class FakeTwilio:
         """Twilio drops queued audio and echoes every pending mark at once."""
         self.clears += 1
         self.played_bytes += self.playing_now()
+        self.played_at_clear.append(self.played_bytes)
         self.chunk_bytes = 0
         pending = [value for kind, value in self.queue if kind == "mark"]
         self.queue.clear()
         self.player.cancel()
         self.player = asyncio.create_task(self.play())
-        for name in pending:
-            asyncio.create_task(self.echo(name))
+        self.late_echoes = asyncio.create_task(self.echo_all(pending))
+
+    async def echo_all(self, names: list[str]) -> None:
+        await asyncio.sleep(self.clear_echo_delay)
+        for name in names:
+            await self.echo(name)
 
     def playing_now(self) -> int:
         """Bytes of the current chunk already played, by the real-time clock."""
@@ -298,9 +315,10 @@ class FakeTwilio:
         await self.shutdown()
 
     async def shutdown(self) -> None:
-        for task in (self.reader, self.player):
+        tasks = [task for task in (self.reader, self.player, self.late_echoes) if task is not None]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(self.reader, self.player, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
     def close_code(self) -> int | None:
@@ -374,11 +392,26 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"PORT": "99999"}, "PORT"),
         ({"OPENAI_BASE_URL": "ftp://example.com"}, "OPENAI_BASE_URL"),
         ({"LOG_LEVEL": "CHATTY"}, "LOG_LEVEL"),
+        ({"DTMF": "maybe"}, "DTMF"),
+        ({"LOG_TRANSCRIPTS": "2"}, "LOG_TRANSCRIPTS"),
+        ({"MAX_CALL_SECONDS": "7200"}, "MAX_CALL_SECONDS"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], complaint: str) -> None:
     with pytest.raises(relay.ConfigError, match=complaint):
         relay.load_config({"OPENAI_API_KEY": API_KEY, **env})
+
+
+def test_every_setting_is_documented() -> None:
+    """Every variable relay.py reads is in README's table and in .env.example."""
+    source = open(os.path.join(HERE, "relay.py")).read()
+    names = set(re.findall(r'env(?:\.get\(|, )"([A-Z_]+)"', source))
+    assert {"OPENAI_API_KEY", "VOICE", "GREETING", "MAX_CALL_SECONDS"} <= names
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = open(os.path.join(HERE, ".env.example")).read()
+    for name in names:
+        assert f"| `{name}` |" in readme, name
+        assert re.search(rf"^#? ?{name}=", example, re.MULTILINE), name
 
 
 def start_relay_process(env: dict[str, str]) -> Awaitable[asyncio.subprocess.Process]:
@@ -427,10 +460,10 @@ def test_health_has_the_seed_shape_and_counts_calls() -> None:
             assert (await health(the_relay))["connections"] == {"active": 2, "total": 2}
             await twilios[0].stop()
             await twilios[0].closed.wait()
-            await eventually(lambda: the_relay.stats.active == 1)
+            await eventually(lambda: len(the_relay.calls) == 1)
             assert (await health(the_relay))["connections"] == {"active": 1, "total": 2}
             await twilios[1].close()
-            await eventually(lambda: the_relay.stats.active == 0)
+            await eventually(lambda: len(the_relay.calls) == 0)
             assert (await health(the_relay))["connections"] == {"active": 0, "total": 2}
             await twilios[0].shutdown()
 
@@ -561,7 +594,7 @@ def test_twilio_stop_closes_openai_and_leaves_no_task_behind() -> None:
             await twilio.stop()
             await session.ws.wait_closed()
             await twilio.closed.wait()
-            await eventually(lambda: the_relay.stats.active == 0)
+            await eventually(lambda: len(the_relay.calls) == 0)
             await twilio.shutdown()
             await eventually(lambda: len(asyncio.all_tasks()) <= baseline)
             assert twilio.close_code == 1000
@@ -687,7 +720,7 @@ def test_bad_input_from_twilio_is_logged_and_the_call_goes_on(caplog: pytest.Log
             await eventually(lambda: any(s.appended() == frames for s in fake.sessions))
             await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
             assert (await health(the_relay))["errors"] == 10
-            assert the_relay.stats.active == 2
+            assert len(the_relay.calls) == 2
             await asyncio.gather(twilio.close(), bystander.close())
 
     with caplog.at_level(logging.DEBUG, logger="relay"):
@@ -698,6 +731,275 @@ def test_bad_input_from_twilio_is_logged_and_the_call_goes_on(caplog: pytest.Log
                     "media without media.payload"):
         assert any(problem in w and "call " in w for w in warnings), problem
     assert any("unknown Twilio event 'something_new'" in r.getMessage() for r in caplog.records)
+
+
+# Natural conversation: barge-in, greeting, keypad, hang-up, long calls -------------------------------
+
+CHUNK_MS = 100  # the fake's assistant deltas: 100 ms of audio each, sent faster than real time
+
+
+def speech(item: int, count: int, ms: int = CHUNK_MS) -> list[str]:
+    """``count`` distinct chunks of assistant audio, ``ms`` long each."""
+    return [audio(item, i, ms * 8) for i in range(count)]
+
+
+@contextlib.asynccontextmanager
+async def one_call(**env: str) -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, FakeTwilio, FakeSession]]:
+    """A relay with one call up and its OpenAI session configured."""
+    env.setdefault("GREETING", "")
+    async with FakeOpenAI().running() as fake, running_relay(fake, **env) as (the_relay, url):
+        twilio = await FakeTwilio(url).open()
+        session = await fake.session()
+        await eventually(lambda: all(call.session_configured and call.stream_sid for call in the_relay.calls))
+        yield fake, the_relay, twilio, session
+        await twilio.close()
+
+
+async def speech_started(session: FakeSession) -> None:
+    await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 1000, "item_id": "item_user"})
+
+
+def test_barge_in_truncates_at_what_the_caller_heard(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await session.say("item_a", speech(1, 10))  # 1 s of audio, sent at once
+            await eventually(lambda: twilio.played_bytes >= 3500)
+            await speech_started(session)
+            await eventually(lambda: bool(session.of_type("conversation.item.truncate")))
+            truncate = session.of_type("conversation.item.truncate")[0]
+            heard_ms = twilio.played_at_clear[0] / 8
+            assert twilio.clears == 1
+            assert (truncate["item_id"], truncate["content_index"]) == ("item_a", 0)
+            # Within one chunk of what the phone played (plus a little for loopback scheduling),
+            # and never more than was sent.
+            assert heard_ms - CHUNK_MS - 20 <= truncate["audio_end_ms"] <= heard_ms
+            assert truncate["audio_end_ms"] <= 10 * CHUNK_MS
+            assert not session.of_type("response.cancel")  # server VAD already cancels
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("the caller interrupted: heard" in r.message and "of 1000 ms sent" in r.message for r in caplog.records)
+
+
+def test_late_audio_of_an_interrupted_answer_is_not_played() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await session.say("item_a", speech(1, 10))
+            await eventually(lambda: len(twilio.media) == 10 and twilio.played_bytes >= 1600)
+            await speech_started(session)
+            await eventually(lambda: twilio.clears == 1)
+            await session.say("item_a", speech(2, 3))  # still in flight when the caller spoke
+            await session.say("item_b", speech(3, 1), response_id="resp_2")  # the next answer
+            await eventually(lambda: len(twilio.media) == 11)
+            assert twilio.media[10:] == speech(3, 1)
+
+    run(scenario)
+
+
+def test_no_clear_or_truncate_when_nothing_is_playing() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            await session.say("item_a", speech(1, 2, ms=20))
+            (call,) = the_relay.calls
+            await eventually(lambda: len(twilio.marks_echoed) == 2 and call.playback.drained.is_set())
+            await speech_started(session)
+            await session.say("item_b", speech(2, 1), response_id="resp_2")
+            await eventually(lambda: len(twilio.media) == 3)
+            assert twilio.clears == 0
+            assert not session.of_type("conversation.item.truncate")
+
+    run(scenario)
+
+
+def test_late_mark_echoes_after_a_clear_do_not_credit_the_next_answer() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            twilio.clear_echo_delay = 0.3  # the stale echoes arrive while item_b plays
+            await session.say("item_a", speech(1, 10))
+            await eventually(lambda: twilio.played_bytes >= 2400)
+            await speech_started(session)
+            await eventually(lambda: twilio.clears == 1)
+            await session.say("item_b", speech(2, 10), response_id="resp_2")
+            await eventually(lambda: twilio.late_echoes is not None and twilio.late_echoes.done())
+            await eventually(lambda: twilio.played_bytes >= twilio.played_at_clear[0] + 3000)
+            await speech_started(session)
+            await eventually(lambda: len(session.of_type("conversation.item.truncate")) == 2)
+            truncate = session.of_type("conversation.item.truncate")[1]
+            heard_ms = (twilio.played_at_clear[1] - twilio.played_at_clear[0]) / 8
+            assert truncate["item_id"] == "item_b"
+            assert heard_ms - CHUNK_MS - 20 <= truncate["audio_end_ms"] <= heard_ms
+
+    run(scenario)
+
+
+def test_an_earlier_answer_heard_in_full_does_not_count_for_the_next() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            await session.say("item_a", speech(1, 2))
+            (call,) = the_relay.calls
+            await eventually(lambda: twilio.played_bytes == 1600 and call.playback.drained.is_set())
+            await session.say("item_b", speech(2, 10), response_id="resp_2")
+            await speech_started(session)  # before the first chunk of item_b has played
+            await eventually(lambda: bool(session.of_type("conversation.item.truncate")))
+            truncate = session.of_type("conversation.item.truncate")[0]
+            assert truncate["item_id"] == "item_b"
+            assert truncate["audio_end_ms"] <= (twilio.played_at_clear[0] - 1600) / 8
+
+    run(scenario)
+
+
+def test_the_agent_greets_only_once_the_session_is_configured() -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.configure.clear()
+        async with fake.running(), running_relay(fake) as (_, url):
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await twilio.send_media([audio(1, i) for i in range(5)])
+            await eventually(lambda: len(session.appended()) == 5)  # the relay is live...
+            assert not session.of_type("response.create")  # ...but waits for session.updated
+            fake.configure.set()
+            await eventually(lambda: bool(session.of_type("response.create")))
+            (greeting,) = session.of_type("response.create")
+            assert "Hi, this is Tessa. How can I help you today?" in greeting["response"]["instructions"]
+            await twilio.close()
+
+    run(scenario)
+
+
+def test_an_empty_greeting_lets_the_caller_speak_first() -> None:
+    async def scenario() -> None:
+        async with one_call(GREETING="") as (_, _, twilio, session):
+            await twilio.send_media([audio(1, 0)])
+            await eventually(lambda: len(session.appended()) == 1)
+            assert not session.of_type("response.create")
+
+    run(scenario)
+
+
+async def press(twilio: FakeTwilio, digit: str) -> None:
+    await twilio.send({"event": "dtmf", "streamSid": twilio.stream_sid, "sequenceNumber": "5",
+                       "dtmf": {"track": "inbound_track", "digit": digit}})
+
+
+def test_a_keypad_press_reaches_the_model(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await press(twilio, "5")
+            await eventually(lambda: bool(session.of_type("response.create")))
+            kinds = [event["type"] for event in session.received]
+            (item,) = session.of_type("conversation.item.create")
+            assert item["item"]["role"] == "user"
+            assert item["item"]["content"] == [{"type": "input_text", "text": "The caller pressed 5 on the keypad."}]
+            assert kinds.index("conversation.item.create") < kinds.index("response.create")
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    assert not any("5" in r.getMessage().split("]", 1)[1] for r in caplog.records if "pressed" in r.getMessage())
+
+
+def test_keypad_presses_can_be_turned_off() -> None:
+    async def scenario() -> None:
+        async with one_call(DTMF="off") as (_, _, twilio, session):
+            await press(twilio, "5")
+            await twilio.send_media([audio(1, 0)])
+            await eventually(lambda: len(session.appended()) == 1)
+            assert not session.of_type("conversation.item.create")
+
+    run(scenario)
+
+
+async def call_end_call(session: FakeSession, reason: str = "the caller said goodbye") -> None:
+    await session.send({"type": "response.output_item.done", "response_id": "resp_1", "output_index": 1,
+                        "item": {"id": "item_fc", "type": "function_call", "status": "completed",
+                                 "name": "end_call", "call_id": "call_42",
+                                 "arguments": json.dumps({"reason": reason})}})
+    await session.send({"type": "response.done", "response": {"id": "resp_1", "status": "completed"}})
+
+
+def test_end_call_hangs_up_after_the_goodbye_has_played(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            tools = session.of_type("session.update")[0]["session"]["tools"]
+            assert [tool["name"] for tool in tools] == ["end_call"]
+            await session.say("item_bye", speech(1, 5))  # a 500 ms goodbye
+            await call_end_call(session)
+            await twilio.closed.wait()
+            assert twilio.played_bytes == 5 * CHUNK_MS * 8  # every byte was heard first
+            assert twilio.close_code == 1000
+            outputs = [e["item"] for e in session.of_type("conversation.item.create")]
+            assert outputs == [{"type": "function_call_output", "call_id": "call_42", "output": '{"ok": true}'}]
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("hanging up: the agent ended the call (the caller said goodbye)" in r.message for r in caplog.records)
+
+
+def test_end_call_tool_can_be_turned_off() -> None:
+    async def scenario() -> None:
+        async with one_call(END_CALL_TOOL="off") as (_, _, _, session):
+            assert "tools" not in session.of_type("session.update")[0]["session"]
+
+    run(scenario)
+
+
+def test_max_call_seconds_says_goodbye_then_hangs_up(caplog: pytest.LogCaptureFixture) -> None:
+    async def goodbye(session: FakeSession, event: dict[str, Any]) -> None:
+        if event["type"] == "response.create":
+            await session.say("item_bye", speech(9, 2), response_id="resp_bye")
+            await session.send({"type": "response.done", "response": {"id": "resp_bye"}})
+
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.on_event = goodbye
+        async with fake.running(), running_relay(fake, MAX_CALL_SECONDS="1", GREETING="") as (_, url):
+            twilio = await FakeTwilio(url).open()
+            await twilio.closed.wait()
+            session = await fake.session()
+            (request,) = session.of_type("response.create")
+            assert "time limit" in request["response"]["instructions"]
+            assert twilio.media == speech(9, 2)
+            assert twilio.played_bytes == 2 * CHUNK_MS * 8
+            assert twilio.close_code == 1000
+            await twilio.shutdown()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("hanging up: the call reached MAX_CALL_SECONDS (1 s)" in r.message for r in caplog.records)
+
+
+def test_an_expired_openai_session_ends_the_call_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await session.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "session_expired",
+                "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+            await twilio.closed.wait()
+            assert twilio.close_code == 1000
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("hanging up: the OpenAI session expired" in r.message for r in caplog.records)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_transcripts_are_logged_only_when_asked(on: bool, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call(LOG_TRANSCRIPTS="on" if on else "off") as (_, _, twilio, session):
+            audio_input = session.of_type("session.update")[0]["session"]["audio"]["input"]
+            assert ("transcription" in audio_input) is on
+            await session.send({"type": "conversation.item.input_audio_transcription.completed",
+                                "item_id": "item_u", "content_index": 0, "transcript": "I need a taxi"})
+            await session.send({"type": "response.output_audio_transcript.done", "item_id": "item_a",
+                                "content_index": 0, "transcript": "Sure, where to?"})
+            await session.say("item_a", speech(1, 1))
+            await eventually(lambda: len(twilio.media) == 1)
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(line.endswith("caller: I need a taxi") and "CA" in line for line in lines) is on
+    assert any(line.endswith("agent: Sure, where to?") and "CA" in line for line in lines) is on
 
 
 # Shutdown ---------------------------------------------------------------------------------------
