@@ -21,9 +21,13 @@ Run it with ``python relay.py``.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import dataclasses
 import datetime
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ import signal
 import sys
 import time
 import urllib.parse
+import xml.sax.saxutils
 from collections.abc import Mapping
 from typing import Any
 
@@ -61,11 +66,16 @@ TIME_LIMIT_GOODBYE = (
     "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
 )
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # used only when LOG_TRANSCRIPTS is on
+# What the caller hears when the stream ends, before the call hangs up (see /twiml).
+FALLBACK_MESSAGE = "Thank you for calling. If we were cut off, please call again. Goodbye."
 
 CLOSE_TIMEOUT = 1.0  # seconds to wait for a peer to acknowledge a close
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
 GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
+MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
+START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
+MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
 
 
 class ConfigError(Exception):
@@ -93,9 +103,12 @@ class Config:
     end_call_tool: bool = True
     max_call_seconds: float = 3300.0
     log_transcripts: bool = False
+    twilio_auth_token: str = ""
+    public_url: str = ""
+    max_calls: int = 50
 
     def __repr__(self) -> str:
-        """Keep the API key out of any log line or traceback that shows the config."""
+        """Keep the secrets out of any log line or traceback that shows the config."""
         return f"Config(openai_url={self.openai_url!r}, voice={self.voice!r}, port={self.port})"
 
 
@@ -121,6 +134,17 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
     return value
+
+
+def _public_url(raw: str) -> str:
+    """Accept https://host or wss://host (with an optional path); keep it as https://host/path."""
+    if not raw:
+        return ""
+    parts = urllib.parse.urlsplit(raw.rstrip("/"))
+    scheme = {"https": "https", "wss": "https", "http": "http", "ws": "http"}.get(parts.scheme)
+    if scheme is None or not parts.netloc or parts.query:
+        raise ConfigError(f"PUBLIC_URL must look like https://relay.example.com, got {raw!r}")
+    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, "", ""))
 
 
 def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -170,6 +194,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         end_call_tool=_switch(env, "END_CALL_TOOL", True),
         max_call_seconds=_number(env, "MAX_CALL_SECONDS", 3300, 1, 3600),
         log_transcripts=_switch(env, "LOG_TRANSCRIPTS", False),
+        twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
+        public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
+        max_calls=int(_number(env, "MAX_CALLS", 50, 1, 100000)),
     )
 
 
@@ -295,6 +322,8 @@ class Playback:
         self.marks_sent += 1
         name = f"m{self.marks_sent}"
         self.pending[name] = (item_id, content_index, self.item_bytes)
+        if len(self.pending) > MAX_PENDING_MARKS:
+            del self.pending[next(iter(self.pending))]
         self.drained.clear()
         return name
 
@@ -338,6 +367,7 @@ class Call:
         self.openai: ClientConnection | None = None
         self.stream_sid = ""
         self.call_sid = ""
+        self.stream_started = asyncio.Event()
         # Caller audio that arrives while OpenAI is still connecting, sent once it is ready.
         self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
         self.openai_ready = False
@@ -349,6 +379,7 @@ class Call:
         self.warned: set[str] = set()
         self.close_code = 1000  # 1011 when OpenAI failed; either way Twilio goes on with the TwiML
         self.log = CallLog(logger, {"call": self})
+        self.stats = relay.stats
 
     @property
     def label(self) -> str:
@@ -360,7 +391,7 @@ class Call:
             asyncio.create_task(self.twilio_to_openai()),
             asyncio.create_task(self.openai_to_twilio()),
         ]
-        timer = asyncio.create_task(self.enforce_time_limit())
+        timer = asyncio.create_task(self.watch_the_clock())
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -381,9 +412,11 @@ class Call:
         if self.openai_ready:
             await self.openai.send(message)  # type: ignore[union-attr]
             return
-        if len(self.early) == self.early.maxlen and "early audio overflow" not in self.warned:
-            self.warned.add("early audio overflow")
-            self.log.warning("OpenAI is slow to connect: dropping the oldest caller audio")
+        if len(self.early) == self.early.maxlen:
+            self.stats.dropped["early_audio_overflow"] += 1
+            if "early audio overflow" not in self.warned:
+                self.warned.add("early audio overflow")
+                self.log.warning("OpenAI is slow to connect: dropping the oldest caller audio")
         self.early.append(message)
 
     # Twilio -> OpenAI
@@ -406,7 +439,12 @@ class Call:
                 if not await self.on_twilio_event(event):
                     return
         except ConnectionClosed as closed:
-            self.log.info("Twilio connection lost: %s", closed)
+            if closed.sent is not None and closed.sent.code == 1009:
+                self.relay.count_error("twilio_frame_too_big")
+                self.log.warning("Twilio sent a frame over %d bytes: closing the call (1009)", MAX_FRAME_BYTES)
+            else:
+                self.relay.count_error("twilio_connection_lost")
+                self.log.warning("Twilio connection lost: %s", closed)
 
     async def on_twilio_event(self, event: dict[str, Any]) -> bool:
         """Handle one Twilio event; return False when the stream is over."""
@@ -440,6 +478,7 @@ class Call:
         parameters = start.get("customParameters")
         names = sorted(parameters) if isinstance(parameters, dict) else []
         self.log.info("stream started (custom parameters: %s)", ", ".join(names) or "none")
+        self.stream_started.set()
         await self.greet()
 
     async def on_media(self, event: dict[str, Any]) -> None:
@@ -451,6 +490,13 @@ class Call:
         if not isinstance(payload, str):
             self.bad_input("media without media.payload", repr(event)[:120])
             return
+        try:
+            size = len(binascii.a2b_base64(payload, strict_mode=True))
+        except binascii.Error:
+            self.bad_input("media payload that is not base64", repr(payload[:40]))
+            return
+        self.stats.frames_in += 1
+        self.stats.bytes_in += size
         await self.to_openai({"type": "input_audio_buffer.append", "audio": payload})
 
     def on_mark(self, event: dict[str, Any]) -> None:
@@ -495,7 +541,9 @@ class Call:
             return self.openai_failed(f"did not answer within {self.config.openai_connect_timeout:g} s")
         except (OSError, InvalidHandshake) as error:
             return self.openai_failed(f"could not be reached: {error}")
-        self.log.info("OpenAI connected in %.0f ms", (time.monotonic() - started) * 1000)
+        connect_seconds = time.monotonic() - started
+        self.stats.openai_connect.observe(connect_seconds)
+        self.log.info("OpenAI connected in %.0f ms", connect_seconds * 1000)
         try:
             await self.openai.send(json.dumps(session_update(self.config)))
             await self.send_early_audio()
@@ -557,8 +605,12 @@ class Call:
         if not isinstance(delta, str) or not isinstance(item_id, str) or not self.stream_sid:
             return
         if item_id in self.playback.muted:
+            self.stats.dropped["interrupted_answer"] += 1
             return  # the rest of an answer the caller has already interrupted
-        mark = self.playback.sent(item_id, event.get("content_index", 0), decoded_size(delta))
+        size = decoded_size(delta)
+        self.stats.frames_out += 1
+        self.stats.bytes_out += size
+        mark = self.playback.sent(item_id, event.get("content_index", 0), size)
         media = {"event": "media", "streamSid": self.stream_sid, "media": {"payload": delta}}
         await self.twilio.send(json.dumps(media))
         await self.twilio.send(json.dumps({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": mark}}))
@@ -603,8 +655,16 @@ class Call:
         )
         self.hang_up_reason = f"the agent ended the call ({reason})"
 
-    async def enforce_time_limit(self) -> None:
-        """End the call politely before OpenAI's 60-minute session limit cuts it off."""
+    async def watch_the_clock(self) -> None:
+        """Drop sockets that never start a stream; end calls before OpenAI's 60-minute limit."""
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await self.stream_started.wait()
+        except TimeoutError:
+            self.relay.count_error("no_start")
+            self.log.warning("no 'start' from Twilio within %g s: closing the socket", START_TIMEOUT)
+            await self.twilio.close(1008, "no start event")
+            return
         await asyncio.sleep(self.config.max_call_seconds)
         self.hang_up_reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
         self.log.info("time limit reached: asking the agent to say goodbye")
@@ -647,14 +707,52 @@ class Call:
 # 4. The relay: HTTP routes and shared bookkeeping --------------------------------
 
 
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, a sum and a count."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str) -> list[str]:
+        buckets = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.bounds, self.counts)]
+        return [*buckets, f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
+                f"{name}_count {self.count}"]
+
+
+def _counter() -> collections.Counter[str]:
+    return collections.Counter()
+
+
 @dataclasses.dataclass
 class Stats:
-    """Counters shown by /health and logged at shutdown."""
+    """What the relay has done since it started: shown by /health and /metrics."""
 
     started: float = dataclasses.field(default_factory=time.monotonic)
     total: int = 0
     barge_ins: int = 0
-    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    frames_in: int = 0  # caller audio frames forwarded to OpenAI
+    bytes_in: int = 0
+    frames_out: int = 0  # agent audio chunks forwarded to Twilio
+    bytes_out: int = 0
+    errors: collections.Counter[str] = dataclasses.field(default_factory=_counter)
+    refused: collections.Counter[str] = dataclasses.field(default_factory=_counter)
+    dropped: collections.Counter[str] = dataclasses.field(default_factory=_counter)
+    call_seconds: Histogram = dataclasses.field(
+        default_factory=lambda: Histogram((10, 30, 60, 120, 300, 600, 1800, 3600))
+    )
+    openai_connect: Histogram = dataclasses.field(
+        default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    )
 
 
 class Relay:
@@ -669,17 +767,76 @@ class Relay:
         self.stats.errors[kind] += 1
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Answer plain HTTP routes; let every other path upgrade to a Twilio media stream."""
+        """Answer the plain HTTP routes; check every other request before it becomes a call.
+
+        Everything here happens before any OpenAI connection is opened, so a refused
+        request costs nothing.
+        """
         path = urllib.parse.urlsplit(request.path).path
         if path == "/health":
             return json_response(self.health(), head=request.method == "HEAD")
-        if request.headers.get("Upgrade", "").lower() != "websocket":
+        if path == "/metrics":
+            return text_response(self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        websocket = header(request, "Upgrade").lower() == "websocket"
+        if path != "/twiml" and not websocket:
             return connection.respond(
                 426,
                 "This is a Twilio Media Streams endpoint: point <Stream url=\"wss://...\"> "
-                "at it. Health check: /health\n",
+                "at it. TwiML: /twiml  Health check: /health\n",
             )
+        if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket):
+            return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
+        if path == "/twiml" and not websocket:
+            return text_response(self.twiml(request), "text/xml")
+        if len(self.calls) >= self.config.max_calls:
+            response = self.refuse(connection, request, "capacity", 503, "Too many calls; try again soon.\n")
+            response.headers["Retry-After"] = "5"
+            return response
         return None
+
+    def refuse(self, connection: ServerConnection, request: Request, reason: str, status: int, text: str) -> Response:
+        self.stats.refused[reason] += 1
+        logger.warning("refused %s %s from %s: %s", request.method, urllib.parse.urlsplit(request.path).path,
+                       remote_address(connection), text.strip())
+        return connection.respond(status, text)
+
+    def public_origin(self, request: Request, websocket: bool) -> str:
+        """Where Twilio reaches us: PUBLIC_URL, or rebuilt from the Host and the proxy's headers.
+
+        TLS usually ends at the platform's edge (Heroku, Render), which says so in
+        X-Forwarded-Proto; the relay itself serves plain HTTP and WebSocket.
+        """
+        if self.config.public_url:
+            origin = self.config.public_url
+        else:
+            secure = header(request, "X-Forwarded-Proto").split(",")[0].strip().lower() == "https"
+            origin = f"{'https' if secure else 'http'}://{header(request, 'Host')}"
+        return origin.replace("http", "ws", 1) if websocket else origin  # https -> wss
+
+    def signed_by_twilio(self, request: Request, websocket: bool) -> bool:
+        """Check X-Twilio-Signature: base64 HMAC-SHA1 of the URL, keyed by the auth token.
+
+        Like Twilio's own validator, accept the URL with and without its default port.
+        """
+        signature = header(request, "X-Twilio-Signature")
+        if not signature:
+            return False
+        key = self.config.twilio_auth_token.encode()
+        for url in url_forms(self.public_origin(request, websocket) + request.path):
+            digest = hmac.new(key, url.encode(), hashlib.sha1).digest()
+            if hmac.compare_digest(base64.b64encode(digest).decode(), signature):
+                return True
+        return False
+
+    def twiml(self, request: Request) -> str:
+        """TwiML that connects a call to this relay, for the phone number's webhook (HTTP GET)."""
+        stream_url = self.public_origin(request, websocket=True) + "/media-stream"
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n'
+            f"  <Connect><Stream url={xml.sax.saxutils.quoteattr(stream_url)} /></Connect>\n"
+            f"  <Say>{xml.sax.saxutils.escape(FALLBACK_MESSAGE)}</Say>\n"
+            "  <Hangup/>\n</Response>\n"
+        )
 
     def health(self) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -692,35 +849,98 @@ class Relay:
             "openai_configured": True,
         }
 
+    def metrics(self) -> str:
+        """The Prometheus text format, written by hand: it is a few lines of text."""
+        stats = self.stats
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
+            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
+
+        def labelled(name: str, label: str, counts: Mapping[str, int]) -> list[str]:
+            return [f'{name}{{{label}="{key}"}} {value}' for key, value in sorted(counts.items())]
+
+        metric("relay_calls_active", "gauge", "Calls in progress.", [f"relay_calls_active {len(self.calls)}"])
+        metric("relay_calls_total", "counter", "Calls accepted.", [f"relay_calls_total {stats.total}"])
+        metric("relay_calls_refused_total", "counter", "Handshakes refused, by reason.",
+               labelled("relay_calls_refused_total", "reason", stats.refused))
+        metric("relay_call_duration_seconds", "histogram", "Length of finished calls.",
+               stats.call_seconds.lines("relay_call_duration_seconds"))
+        metric("relay_openai_connect_seconds", "histogram", "Time to open the OpenAI WebSocket.",
+               stats.openai_connect.lines("relay_openai_connect_seconds"))
+        metric("relay_errors_total", "counter", "Errors, by kind.", labelled("relay_errors_total", "kind", stats.errors))
+        metric("relay_audio_frames_total", "counter", "Audio messages forwarded, by direction.",
+               labelled("relay_audio_frames_total", "direction",
+                        {"caller_to_openai": stats.frames_in, "openai_to_caller": stats.frames_out}))
+        metric("relay_audio_bytes_total", "counter", "Audio bytes (mu-law) forwarded, by direction.",
+               labelled("relay_audio_bytes_total", "direction",
+                        {"caller_to_openai": stats.bytes_in, "openai_to_caller": stats.bytes_out}))
+        metric("relay_barge_ins_total", "counter", "Times the caller interrupted the agent.",
+               [f"relay_barge_ins_total {stats.barge_ins}"])
+        metric("relay_frames_dropped_total", "counter", "Audio messages dropped, by reason.",
+               labelled("relay_frames_dropped_total", "reason", stats.dropped))
+        return "\n".join(lines) + "\n"
+
     async def handle(self, twilio: ServerConnection) -> None:
         """Carry one call from accept to hang-up."""
         self.stats.total += 1
         call = Call(self, twilio, self.stats.total)
         self.calls.add(call)
         call.log.info("Twilio connected from %s (%d active)", remote_address(twilio), len(self.calls))
+        started = time.monotonic()
         try:
             await call.run()
         finally:
             self.calls.discard(call)
+            self.stats.call_seconds.observe(time.monotonic() - started)
             call.log.info("call ended (%d active)", len(self.calls))
 
 
-def json_response(body: dict[str, Any], head: bool = False) -> Response:
-    data = json.dumps(body).encode()
+def header(request: Request, name: str) -> str:
+    """The first value of a header, or "": repeated headers must not break the handshake."""
+    values = request.headers.get_all(name)
+    return values[0] if values else ""
+
+
+def url_forms(url: str) -> set[str]:
+    """The URL as given, with its default port spelled out, and without it."""
+    parts = urllib.parse.urlsplit(url)
+    default = {"https": 443, "wss": 443, "http": 80, "ws": 80}.get(parts.scheme)
+    try:
+        port = parts.port
+    except ValueError:
+        return {url}
+    host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
+    forms = {url}
+    if port in (None, default) and default is not None:
+        forms.add(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+        forms.add(urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{default}")))
+    return forms
+
+
+def text_response(body: str, content_type: str) -> Response:
+    data = body.encode()
     headers = Headers(
         [
-            ("Content-Type", "application/json"),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(data))),
             ("Cache-Control", "no-store"),
             ("Connection", "close"),
         ]
     )
-    return Response(200, "OK", headers, b"" if head else data)
+    return Response(200, "OK", headers, data)
+
+
+def json_response(body: dict[str, Any], head: bool = False) -> Response:
+    response = text_response(json.dumps(body), "application/json")
+    if head:
+        response = dataclasses.replace(response, body=b"")
+    return response
 
 
 def remote_address(connection: ServerConnection) -> str:
-    """The caller's address: the proxy's X-Forwarded-For when there is one."""
-    forwarded = connection.request.headers.get("X-Forwarded-For") if connection.request else None
+    """Who is connecting: the first X-Forwarded-For address behind a proxy."""
+    forwarded = header(connection.request, "X-Forwarded-For") if connection.request else ""
     if forwarded:
         return forwarded.split(",")[0].strip()
     address = connection.remote_address
@@ -736,7 +956,7 @@ def serve_calls(relay: Relay, host: str, port: int) -> Server:
         process_request=relay.process_request,
         compression=None,  # base64 audio barely compresses; deflate only costs CPU
         close_timeout=CLOSE_TIMEOUT,
-        max_size=2**16,  # a Twilio media frame is under 1 KiB
+        max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009
     )
 
 
@@ -801,6 +1021,11 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
+    if not config.twilio_auth_token:
+        logger.warning(
+            "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
+            "your OpenAI account. Set it to check Twilio's signature on every call."
+        )
     async with serve_calls(relay, config.host, config.port) as server:
         port = server.sockets[0].getsockname()[1]
         logger.info(

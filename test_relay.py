@@ -19,6 +19,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
 import os
@@ -26,10 +28,13 @@ import re
 import signal
 import sys
 import time
+import xml.etree.ElementTree as ElementTree
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -191,8 +196,8 @@ class FakeTwilio:
         self.late_echoes: asyncio.Task[None] | None = None
         self.played_at_clear: list[int] = []
 
-    async def open(self, start: bool = True, **start_extra: Any) -> FakeTwilio:
-        self.ws = await connect(self.url, compression=None)
+    async def open(self, start: bool = True, headers: dict[str, str] | None = None, **start_extra: Any) -> FakeTwilio:
+        self.ws = await connect(self.url, compression=None, additional_headers=headers)
         self.reader = asyncio.create_task(self.read())
         self.player = asyncio.create_task(self.play())
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
@@ -1002,17 +1007,299 @@ def test_transcripts_are_logged_only_when_asked(on: bool, caplog: pytest.LogCapt
     assert any(line.endswith("agent: Sure, where to?") and "CA" in line for line in lines) is on
 
 
+# Production hardening: signatures, TwiML, limits, metrics, hostile input ---------------------------
+
+AUTH_TOKEN = "twilio-auth-token-for-tests"
+
+
+def twilio_signature(url: str, token: str = AUTH_TOKEN) -> str:
+    """What Twilio puts in X-Twilio-Signature, computed here independently of relay.py."""
+    return base64.b64encode(hmac.new(token.encode(), url.encode(), hashlib.sha1).digest()).decode()
+
+
+async def raw_request(port: int, path: str, headers: dict[str, str], websocket: bool = True) -> tuple[int, bytes]:
+    """Send one handshake (or plain GET) with exactly these headers; return status and body."""
+    lines = [f"GET {path} HTTP/1.1"]
+    if websocket:
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+                   "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), **headers}
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split()[1])
+    body = b"" if status == 101 else await reader.read()
+    writer.close()
+    return status, body
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+async def metrics(the_relay: relay.Relay) -> dict[str, float]:
+    status, fields, body = await http_get(the_relay.port, "/metrics")  # type: ignore[attr-defined]
+    assert status == 200 and fields["content-type"].startswith("text/plain; version=0.0.4")
+    return parse_metrics(body.decode())
+
+
+def test_signed_handshakes_are_accepted_and_others_refused_for_free(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        env = {"TWILIO_AUTH_TOKEN": AUTH_TOKEN, "PUBLIC_URL": "https://relay.example.com"}
+        async with FakeOpenAI().running() as fake, running_relay(fake, **env) as (the_relay, url):
+            port = the_relay.port  # type: ignore[attr-defined]
+            signed = twilio_signature("wss://relay.example.com/media-stream")
+            twilio = await FakeTwilio(url).open(headers={"X-Twilio-Signature": signed})
+            await fake.session()
+            with_port = twilio_signature("wss://relay.example.com:443/media-stream")
+            assert (await raw_request(port, "/media-stream", {"X-Twilio-Signature": with_port}))[0] == 101
+            for bad in ({}, {"X-Twilio-Signature": "AAAA"},
+                        {"X-Twilio-Signature": twilio_signature("wss://relay.example.com/other")},
+                        {"X-Twilio-Signature": twilio_signature("wss://relay.example.com/media-stream", "wrong")},
+                        {"X-Twilio-Signature": signed, "X-Forwarded-For": "203.0.113.9, 10.0.0.1"}):
+                path = "/other" if bad.get("X-Forwarded-For") else "/media-stream"
+                status, _ = await raw_request(port, path, bad)
+                assert status == 403, bad
+            await eventually(lambda: len(fake.sessions) == 2)
+            assert len(fake.sessions) == 2  # refusals never dialled OpenAI
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="signature"}'] == 5
+            await twilio.close()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    refusals = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    assert any("203.0.113.9" in line and "Invalid Twilio signature" in line for line in refusals)
+    assert not any(AUTH_TOKEN in r.getMessage() for r in caplog.records)
+
+
+def test_signatures_behind_a_tls_proxy_are_checked_against_the_wss_url() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, TWILIO_AUTH_TOKEN=AUTH_TOKEN) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            proxied = {"Host": "relay.example.com", "X-Forwarded-Proto": "https"}
+            path = "/media-stream?tenant=7"
+            good = twilio_signature("wss://relay.example.com/media-stream?tenant=7")
+            assert (await raw_request(port, path, {**proxied, "X-Twilio-Signature": good}))[0] == 101
+            plain = twilio_signature("ws://relay.example.com/media-stream?tenant=7")
+            assert (await raw_request(port, path, {**proxied, "X-Twilio-Signature": plain}))[0] == 403
+            direct = {"Host": "relay.example.com", "X-Twilio-Signature": plain}  # no proxy: plain ws
+            assert (await raw_request(port, path, direct))[0] == 101
+            await eventually(lambda: len(fake.sessions) == 2)
+
+    run(scenario)
+
+
+def test_twiml_route_connects_the_call_to_this_relay() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, TWILIO_AUTH_TOKEN=AUTH_TOKEN) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            path = "/twiml?CallSid=CA123&From=%2B15550001111"
+            proxied = {"Host": "relay.example.com", "X-Forwarded-Proto": "https"}
+            signature = twilio_signature("https://relay.example.com" + path)
+            status, body = await raw_request(port, path, {**proxied, "X-Twilio-Signature": signature}, websocket=False)
+            assert status == 200
+            twiml = ElementTree.fromstring(body)
+            assert [child.tag for child in twiml] == ["Connect", "Say", "Hangup"]
+            assert twiml.find("Connect/Stream").get("url") == "wss://relay.example.com/media-stream"
+            assert twiml.find("Say").text
+            status, _ = await raw_request(port, path, proxied, websocket=False)
+            assert status == 403
+            assert not fake.sessions
+
+    run(scenario)
+
+
+def test_calls_beyond_max_calls_are_refused_with_503_before_dialling_openai() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, MAX_CALLS="3") as (the_relay, url):
+            results = await asyncio.gather(*(FakeTwilio(url, n).open() for n in range(8)), return_exceptions=True)
+            admitted = [r for r in results if isinstance(r, FakeTwilio)]
+            assert len(admitted) == 3
+            assert all(getattr(r, "response", None) and r.response.status_code == 503
+                       for r in results if not isinstance(r, FakeTwilio))
+            status, body = await raw_request(the_relay.port, "/media-stream", {})  # type: ignore[attr-defined]
+            assert status == 503
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="capacity"}'] == 6
+            await eventually(lambda: len(fake.sessions) == 3)
+            await admitted[0].close()
+            await eventually(lambda: len(the_relay.calls) == 2)
+            again = await FakeTwilio(url, 9).open()  # a freed place is usable again
+            await eventually(lambda: len(fake.sessions) == 4)
+            await asyncio.gather(again.close(), *(t.close() for t in admitted[1:]))
+
+    run(scenario)
+
+
+def test_a_frame_over_the_cap_closes_only_that_call(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            bystander = await FakeTwilio(url, 2).open()
+            twilio = await FakeTwilio(url, 1).open()
+            await twilio.send("x" * (relay.MAX_FRAME_BYTES + 1))
+            await twilio.closed.wait()
+            assert twilio.close_code == 1009
+            await bystander.send_media([audio(2, 0)])
+            await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
+            assert the_relay.stats.errors["twilio_frame_too_big"] == 1
+            await asyncio.gather(twilio.shutdown(), bystander.close())
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("frame over 65536 bytes" in r.getMessage() and "CA" in r.getMessage() for r in caplog.records)
+
+
+def test_metrics_count_calls_audio_and_barge_ins() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            await twilio.send_media([audio(1, i) for i in range(5)], pace=0)
+            await eventually(lambda: len(session.appended()) == 5)
+            await session.say("item_a", speech(1, 10))
+            await eventually(lambda: twilio.played_bytes >= 1600)
+            await speech_started(session)
+            await eventually(lambda: twilio.clears == 1)
+            await session.say("item_a", speech(2, 2))  # dropped: the caller interrupted it
+            await session.say("item_b", speech(3, 1), response_id="resp_2")
+            await eventually(lambda: len(twilio.media) == 11)
+            numbers = await metrics(the_relay)
+            assert numbers["relay_calls_active"] == 1 and numbers["relay_calls_total"] == 1
+            assert numbers['relay_audio_frames_total{direction="caller_to_openai"}'] == 5
+            assert numbers['relay_audio_bytes_total{direction="caller_to_openai"}'] == 5 * FRAME
+            assert numbers['relay_audio_frames_total{direction="openai_to_caller"}'] == 11
+            assert numbers['relay_audio_bytes_total{direction="openai_to_caller"}'] == 11 * CHUNK_MS * 8
+            assert numbers["relay_barge_ins_total"] == 1
+            assert numbers['relay_frames_dropped_total{reason="interrupted_answer"}'] == 2
+            assert numbers["relay_openai_connect_seconds_count"] == 1
+            assert numbers['relay_openai_connect_seconds_bucket{le="+Inf"}'] == 1
+            assert numbers["relay_call_duration_seconds_count"] == 0
+        assert parse_metrics(the_relay.metrics())["relay_call_duration_seconds_count"] == 1
+
+    run(scenario)
+
+
+def test_a_socket_that_never_starts_a_stream_is_closed() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            idle = await FakeTwilio(url).open(start=False)
+            await idle.closed.wait()
+            assert idle.close_code == 1008
+            assert the_relay.stats.errors["no_start"] == 1
+            await idle.shutdown()
+
+    run(scenario, limit=relay.START_TIMEOUT + 10)
+
+
+HOSTILE_FRAMES: list[str | bytes] = [
+    "not json", "{", "[1, 2, 3]", "42", '"a string"', "null", "true",
+    '{"event": 7}', '{"event": null}', '{"event": ["media"]}', '{"no_event": "media"}',
+    '{"event": "start"}', '{"event": "start", "start": "nope"}', '{"event": "start", "start": {"streamSid": 5}}',
+    '{"event": "media"}', '{"event": "media", "media": []}', '{"event": "media", "media": {"payload": 12}}',
+    '{"event": "media", "media": {"payload": "!!not base64!!"}}', '{"event": "media", "media": {"payload": "abc"}}',
+    '{"event": "mark"}', '{"event": "mark", "mark": {"name": 3}}',
+    '{"event": "dtmf", "dtmf": {"digit": "12"}}', '{"event": "dtmf", "dtmf": {"digit": "\\"; drop"}}',
+    b"\x00\x01\x02", b"",
+]
+
+
+@contextlib.asynccontextmanager
+async def call_under_attack() -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, str, Callable[[], Awaitable[None]]]]:
+    """A relay with a normal call running beside whatever the test throws at it.
+
+    Yields the fake, the relay, the URL, and a check that the normal call lost nothing.
+    """
+    async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+        normal = await FakeTwilio(url, 1).open()
+        frames = [audio(1, i) for i in range(30)]
+        sending = asyncio.create_task(normal.send_media(frames, pace=0.01))
+
+        async def check() -> None:
+            await sending
+            await eventually(lambda: any(s.appended() == frames for s in fake.sessions))
+            assert (await health(the_relay))["connections"]["active"] >= 1
+            assert the_relay.stats.errors["relay_bug"] == 0
+
+        yield fake, the_relay, url, check
+        await normal.close()
+        await eventually(lambda: not the_relay.calls)
+
+
+def test_hostile_frames_beside_a_normal_call(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with call_under_attack() as (fake, the_relay, url, normal_call_is_intact):
+            hostile = await FakeTwilio(url, 2).open()
+            for frame in HOSTILE_FRAMES:
+                await hostile.send(frame)
+            await hostile.send_media([audio(2, 0)])  # the hostile call itself still works
+            await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
+            assert the_relay.stats.errors["bad_twilio_input"] == len(HOSTILE_FRAMES)  # each counted once
+            flood = await FakeTwilio(url, 3).open()
+            for _ in range(10_000):
+                await flood.send("{}")
+            await flood.send_media([audio(3, 0)])
+            await eventually(lambda: any(s.appended() == [audio(3, 0)] for s in fake.sessions))
+            silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", the_relay.port)  # type: ignore[attr-defined]
+            non_utf8 = await FakeTwilio(url, 4).open()
+            await non_utf8.ws.send(b"\xff\xfe\xfd", text=True)  # type: ignore[union-attr]
+            await non_utf8.closed.wait()
+            assert non_utf8.close_code == 1007
+            reset = await FakeTwilio(url, 5).open()
+            reset.ws.transport.abort()  # type: ignore[union-attr]
+            await normal_call_is_intact()
+            await eventually(lambda: len(the_relay.calls) == 3)  # normal, hostile, flood
+            assert the_relay.stats.errors["bad_twilio_input"] >= 10_000
+            assert the_relay.stats.errors["twilio_connection_lost"] == 2  # non-UTF-8, reset
+            silent_writer.close()
+            await asyncio.gather(hostile.close(), flood.close(), non_utf8.shutdown(), reset.shutdown())
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        run(scenario, limit=60)
+    assert len(caplog.records) < 100  # bad input is logged once per kind per call, not per frame
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=8,
+)
+twilio_like = st.fixed_dictionaries(
+    {"event": st.sampled_from(["connected", "start", "media", "mark", "dtmf", "unknown"])},
+    optional={"start": json_values, "media": json_values, "mark": json_values, "dtmf": json_values,
+              "streamSid": json_values, "sequenceNumber": json_values},
+)
+hostile_frames = st.lists(
+    st.one_of(st.binary(max_size=40), st.text(max_size=40), json_values.map(json.dumps), twilio_like.map(json.dumps)),
+    min_size=1, max_size=25,
+)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=hostile_frames)
+def test_generated_hostile_frames_never_hurt_the_relay(frames: list[str | bytes]) -> None:
+    async def scenario() -> None:
+        async with call_under_attack() as (_, _, url, normal_call_is_intact):
+            hostile = await FakeTwilio(url, 2).open(start=False)
+            with contextlib.suppress(ConnectionClosed):
+                for frame in frames:
+                    await hostile.send(frame)
+            await normal_call_is_intact()
+            await hostile.close()
+
+    run(scenario)
+
+
 # Shutdown ---------------------------------------------------------------------------------------
 
 
-async def read_port(process: asyncio.subprocess.Process) -> int:
-    """Read the relay's log until it says which port it listens on."""
+async def read_port(process: asyncio.subprocess.Process) -> tuple[int, str]:
+    """Read the relay's log until it says which port it listens on; return it and the log so far."""
     assert process.stderr is not None
+    log = ""
     while True:
         line = (await process.stderr.readline()).decode()
         assert line, "relay exited before listening"
+        log += line
         if "relay listening on port" in line:
-            return int(line.split("relay listening on port ")[1].split(":")[0])
+            return int(line.split("relay listening on port ")[1].split(":")[0]), log
 
 
 def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
@@ -1020,7 +1307,9 @@ def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
         async with FakeOpenAI().running() as fake:
             process = await start_relay_process({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": fake.base_url,
                                                  "DRAIN_SECONDS": "1"})
-            port = await read_port(process)
+            port, start_up_log = await read_port(process)
+            assert "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls" in start_up_log
+            assert API_KEY not in start_up_log
             url = f"ws://127.0.0.1:{port}/media-stream"
             staying, leaving = FakeTwilio(url, 1), FakeTwilio(url, 2)
             await staying.open()
