@@ -76,6 +76,7 @@ BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
 START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
 MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
+MARK_EVERY_MS = 100  # agent audio between two marks: fewer messages, yet barge-in stays exact
 
 
 class ConfigError(Exception):
@@ -295,36 +296,50 @@ class Interruption:
 class Playback:
     """How much of the agent's audio the caller has actually heard.
 
-    After each chunk sent to Twilio the relay sends a mark, and Twilio echoes the
-    mark when playback reaches it. Each mark name is used once and remembered with
-    the item and the byte offset it ends at, so an echo says exactly how far into
-    that item the caller has heard (8 bytes of mu-law = 1 ms). After a ``clear``,
-    Twilio echoes every pending mark at once; those names have been forgotten by
-    then, so the late echoes credit nothing.
+    The relay sends Twilio a mark after every 100 ms or so of agent audio, and Twilio
+    echoes a mark when playback reaches it. Each mark name is used once and remembered
+    with the item and the byte offset it ends at, so an echo says exactly how far into
+    that item the caller has heard (8 bytes of mu-law = 1 ms); between echoes, playback
+    runs in real time, never past the next mark. After a ``clear``, Twilio echoes every
+    pending mark at once; those names have been forgotten by then, so the late echoes
+    credit nothing.
     """
 
     def __init__(self) -> None:
         self.pending: dict[str, tuple[str, int, int]] = {}  # mark -> (item, content, end byte)
         self.marks_sent = 0
         self.item_id = ""  # the item being streamed to Twilio now
+        self.content_index = 0
         self.item_bytes = 0  # how much of it has been sent
+        self.marked_bytes = 0  # how much of it is covered by a mark
         self.heard_item = ""  # the item of the last echoed mark
-        self.heard_bytes = 0  # and how far into it playback had got
+        self.heard_bytes = 0  # how far into it playback had got
+        self.heard_at = 0.0  # and when
         self.muted: set[str] = set()  # items cut off by the caller: their late audio is dropped
         self.drained = asyncio.Event()  # set while nothing is queued on the phone
         self.drained.set()
 
-    def sent(self, item_id: str, content_index: int, size: int) -> str:
-        """Record a chunk sent to Twilio; return the name of the mark to send after it."""
+    def sent(self, item_id: str, content_index: int, size: int) -> str | None:
+        """Record a chunk sent to Twilio; return the name of a mark to send after it, if due."""
         if item_id != self.item_id:
-            self.item_id, self.item_bytes = item_id, 0
+            self.item_id, self.content_index, self.item_bytes, self.marked_bytes = item_id, content_index, 0, 0
         self.item_bytes += size
+        self.drained.clear()
+        if self.item_bytes - self.marked_bytes >= MARK_EVERY_MS * BYTES_PER_MS:
+            return self.mark()
+        return None
+
+    def finish(self) -> str | None:
+        """The item is complete: return a mark for its unmarked tail, if it has one."""
+        return self.mark() if self.item_bytes > self.marked_bytes else None
+
+    def mark(self) -> str:
         self.marks_sent += 1
         name = f"m{self.marks_sent}"
-        self.pending[name] = (item_id, content_index, self.item_bytes)
+        self.pending[name] = (self.item_id, self.content_index, self.item_bytes)
+        self.marked_bytes = self.item_bytes
         if len(self.pending) > MAX_PENDING_MARKS:
             del self.pending[next(iter(self.pending))]
-        self.drained.clear()
         return name
 
     def played(self, name: str) -> None:
@@ -333,18 +348,26 @@ class Playback:
         if mark is None:
             return  # a late echo after a clear, or a mark we never sent
         self.heard_item, _, self.heard_bytes = mark
-        if not self.pending:
+        self.heard_at = time.monotonic()
+        if not self.pending and self.marked_bytes == self.item_bytes:
             self.drained.set()
 
     def interrupt(self) -> Interruption | None:
         """The caller spoke: mute the agent's current audio and say what was cut off, if anything."""
         self.muted = {item for item, _, _ in self.pending.values()} | {self.item_id}
-        if not self.pending:
-            return None
-        item_id, content_index, _ = next(iter(self.pending.values()))  # the oldest: playing now
-        heard = self.heard_bytes if self.heard_item == item_id else 0
-        sent = max(end for item, _, end in self.pending.values() if item == item_id)
+        if self.pending:
+            item_id, content_index, playable = next(iter(self.pending.values()))  # the oldest: playing now
+        elif self.item_bytes > self.marked_bytes:
+            item_id, content_index, playable = self.item_id, self.content_index, self.item_bytes
+        else:
+            return None  # everything sent has been played
+        heard = 0
+        if self.heard_item == item_id:
+            since_echo = int((time.monotonic() - self.heard_at) * 1000) * BYTES_PER_MS
+            heard = min(self.heard_bytes + since_echo, playable)
+        sent = self.item_bytes if item_id == self.item_id else playable
         self.pending.clear()
+        self.marked_bytes = self.item_bytes
         self.drained.set()
         return Interruption(item_id, content_index, heard // BYTES_PER_MS, sent // BYTES_PER_MS)
 
@@ -366,6 +389,7 @@ class Call:
         self.number = number
         self.openai: ClientConnection | None = None
         self.stream_sid = ""
+        self.sid_json = '""'  # the streamSid as a JSON string, for the hand-written messages
         self.call_sid = ""
         self.stream_started = asyncio.Event()
         # Caller audio that arrives while OpenAI is still connecting, sent once it is ready.
@@ -406,9 +430,9 @@ class Call:
                 await self.openai.close()
             await self.twilio.close(self.close_code)
 
-    async def to_openai(self, event: dict[str, Any]) -> None:
+    async def to_openai(self, event: dict[str, Any] | str) -> None:
         """Send an event to OpenAI, or keep it until the session is configured."""
-        message = json.dumps(event)
+        message = event if isinstance(event, str) else json.dumps(event)
         if self.openai_ready:
             await self.openai.send(message)  # type: ignore[union-attr]
             return
@@ -474,6 +498,7 @@ class Call:
             self.bad_input("start without start.streamSid", repr(event)[:120])
             return
         self.stream_sid = start["streamSid"]
+        self.sid_json = json.dumps(self.stream_sid)
         self.call_sid = str(start.get("callSid", ""))
         parameters = start.get("customParameters")
         names = sorted(parameters) if isinstance(parameters, dict) else []
@@ -497,7 +522,8 @@ class Call:
             return
         self.stats.frames_in += 1
         self.stats.bytes_in += size
-        await self.to_openai({"type": "input_audio_buffer.append", "audio": payload})
+        # The payload is valid base64, so it can go into the JSON as it is.
+        await self.to_openai(f'{{"type":"input_audio_buffer.append","audio":"{payload}"}}')
 
     def on_mark(self, event: dict[str, Any]) -> None:
         mark = event.get("mark")
@@ -586,10 +612,14 @@ class Call:
             self.responding = True
         elif kind == "response.output_item.done":
             await self.on_output_item(event.get("item"))
-        elif kind == "response.done":
-            self.responding = False
-            if self.hang_up_reason:
-                await self.hang_up()
+        elif kind in ("response.output_audio.done", "response.done"):
+            tail = self.playback.finish()
+            if tail:
+                await self.send_mark(tail)
+            if kind == "response.done":
+                self.responding = False
+                if self.hang_up_reason:
+                    await self.hang_up()
         elif kind == "error":
             await self.on_openai_error(event)
         elif kind == "session.updated":
@@ -611,9 +641,15 @@ class Call:
         self.stats.frames_out += 1
         self.stats.bytes_out += size
         mark = self.playback.sent(item_id, event.get("content_index", 0), size)
-        media = {"event": "media", "streamSid": self.stream_sid, "media": {"payload": delta}}
-        await self.twilio.send(json.dumps(media))
-        await self.twilio.send(json.dumps({"event": "mark", "streamSid": self.stream_sid, "mark": {"name": mark}}))
+        # Hand-written JSON: this runs for every chunk, and json.dumps of a dict costs more.
+        await self.twilio.send(
+            f'{{"event":"media","streamSid":{self.sid_json},"media":{{"payload":{json.dumps(delta)}}}}}'
+        )
+        if mark:
+            await self.send_mark(mark)
+
+    async def send_mark(self, name: str) -> None:
+        await self.twilio.send(f'{{"event":"mark","streamSid":{self.sid_json},"mark":{{"name":"{name}"}}}}')
 
     async def on_caller_speech(self) -> None:
         """Barge-in: stop the phone playing the agent, and tell OpenAI what the caller heard."""

@@ -300,15 +300,23 @@ class FakeTwilio:
                              "mark": {"name": name}})
 
     async def play(self) -> None:
-        """Drain queued audio at 8 bytes per ms; echo marks as playback reaches them."""
+        """Drain queued audio at 8 bytes per ms; echo marks as playback reaches them.
+
+        Chunks are scheduled on absolute times, so playback keeps real time however
+        late each sleep wakes up, as a phone's does.
+        """
+        ends = time.monotonic()
         while True:
-            while not self.queue:
-                self.queued.clear()
-                await self.queued.wait()
+            if not self.queue:
+                while not self.queue:
+                    self.queued.clear()
+                    await self.queued.wait()
+                ends = max(ends, time.monotonic())  # after a gap, playback resumes now
             kind, value = self.queue.popleft()
             if kind == "audio":
-                self.chunk_started, self.chunk_bytes = time.monotonic(), value
-                await asyncio.sleep(value / 8000)
+                self.chunk_started, self.chunk_bytes = ends, value
+                ends += value / 8000
+                await asyncio.sleep(ends - time.monotonic())
                 self.played_bytes += value
                 self.chunk_bytes = 0
             else:
@@ -786,6 +794,37 @@ def test_barge_in_truncates_at_what_the_caller_heard(caplog: pytest.LogCaptureFi
     assert any("the caller interrupted: heard" in r.message and "of 1000 ms sent" in r.message for r in caplog.records)
 
 
+def test_marks_are_sent_every_100_ms_of_audio_and_at_the_end_of_an_item() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            await session.say("item_a", speech(1, 12, ms=20))  # 240 ms in 20 ms deltas
+            await session.send({"type": "response.output_audio.done", "response_id": "resp_1",
+                                "item_id": "item_a", "output_index": 0, "content_index": 0})
+            (call,) = the_relay.calls
+            await eventually(lambda: len(twilio.media) == 12 and call.playback.drained.is_set())
+            kinds = [event["event"] for event in twilio.received]
+            assert kinds.count("mark") == 3  # after 100 ms, 200 ms, and the 40 ms tail
+            assert kinds[5] == "mark" and kinds[11] == "mark" and kinds[-1] == "mark"
+            assert twilio.played_bytes == 12 * 160
+
+    run(scenario)
+
+
+def test_barge_in_between_marks_counts_real_time_playback() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await session.say("item_a", speech(1, 50, ms=20))  # 1 s in 20 ms deltas
+            await eventually(lambda: twilio.played_bytes >= 4400)  # 550 ms: mid-way between marks
+            await speech_started(session)
+            await eventually(lambda: bool(session.of_type("conversation.item.truncate")))
+            truncate = session.of_type("conversation.item.truncate")[0]
+            heard_ms = twilio.played_at_clear[0] / 8
+            assert heard_ms - 20 <= truncate["audio_end_ms"] <= heard_ms
+            assert truncate["audio_end_ms"] > 500  # more than the last echoed mark told
+
+    run(scenario)
+
+
 def test_late_audio_of_an_interrupted_answer_is_not_played() -> None:
     async def scenario() -> None:
         async with one_call() as (_, _, twilio, session):
@@ -805,8 +844,10 @@ def test_no_clear_or_truncate_when_nothing_is_playing() -> None:
     async def scenario() -> None:
         async with one_call() as (_, the_relay, twilio, session):
             await session.say("item_a", speech(1, 2, ms=20))
+            await session.send({"type": "response.output_audio.done", "response_id": "resp_1",
+                                "item_id": "item_a", "output_index": 0, "content_index": 0})
             (call,) = the_relay.calls
-            await eventually(lambda: len(twilio.marks_echoed) == 2 and call.playback.drained.is_set())
+            await eventually(lambda: len(twilio.marks_echoed) == 1 and call.playback.drained.is_set())
             await speech_started(session)
             await session.say("item_b", speech(2, 1), response_id="resp_2")
             await eventually(lambda: len(twilio.media) == 3)
@@ -1332,3 +1373,318 @@ def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
             await asyncio.gather(staying.shutdown(), leaving.shutdown())
 
     run(scenario)
+
+
+# Load benchmark ------------------------------------------------------------------------------------
+#
+#   python test_relay.py bench [--calls 50,100,150,200,250] [--seconds 20] [--profile steady|realistic]
+#
+# Starts relay.py as its own process pinned to CPU 0, and runs the fake OpenAI and the fake
+# Twilio calls in this process pinned to CPU 1. Each call sends a 160-byte frame every 20 ms.
+# "steady": the fake OpenAI echoes every frame back as an audio delta, and Twilio echoes every
+# mark at once. "realistic": the caller talks all the time, the agent talks 2 s in every 5, in
+# deltas of 100-200 ms sent faster than real time, and Twilio echoes marks as playback reaches them.
+
+import argparse  # noqa: E402
+import random  # noqa: E402
+import struct  # noqa: E402
+
+BENCH_HANDSHAKE_DELAY = 0.3  # seconds the fake OpenAI takes to accept, like the real one
+BENCH_WARM_UP = 1.0  # each call's first second (OpenAI still connecting) is left out of latency
+
+
+class BenchStats:
+    """Everything one load level measures."""
+
+    def __init__(self) -> None:
+        self.up_sent: dict[tuple[int, int], float] = {}  # (call, seq) -> when Twilio sent it
+        self.down_sent: dict[tuple[int, int], float] = {}  # (call, seq) -> when OpenAI sent it
+        self.uplink: list[float] = []
+        self.downlink: list[float] = []
+        self.round_trip: list[float] = []
+        self.seen_up: dict[int, list[int]] = collections.defaultdict(list)  # seqs OpenAI got, per call
+        self.seen_down: dict[int, list[int]] = collections.defaultdict(list)  # seqs Twilio got back
+        self.sent_down: dict[int, int] = collections.Counter()  # deltas OpenAI sent, per call
+        self.opened: dict[int, float] = {}  # Twilio socket open
+        self.handshake_done: dict[int, float] = {}  # OpenAI handshake complete
+        self.configured: dict[int, float] = {}  # session.update received
+        self.call_started: dict[int, float] = {}
+
+
+def frame_payload(call: int, seq: int, size: int) -> str:
+    return base64.b64encode(struct.pack(">II", call, seq) + bytes(size - 8)).decode()
+
+
+def frame_id(payload: str) -> tuple[int, int]:
+    return struct.unpack_from(">II", base64.b64decode(payload[:12]))  # type: ignore[return-value]
+
+
+class BenchOpenAI:
+    """The fake OpenAI for the benchmark: as lean as possible, so the relay is what we measure."""
+
+    def __init__(self, stats: BenchStats, profile: str) -> None:
+        self.stats = stats
+        self.profile = profile
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def check(self, connection: ServerConnection, request: Request) -> None:
+        await asyncio.sleep(BENCH_HANDSHAKE_DELAY)
+
+    async def handle(self, ws: ServerConnection) -> None:
+        accepted = time.perf_counter()
+        stats, call = self.stats, -1
+        now = time.perf_counter
+        with contextlib.suppress(ConnectionClosed):
+            async for message in ws:
+                if '"input_audio_buffer.append"' not in message[:40]:
+                    if '"session.update"' in message[:30] and call == -1:
+                        configured = now()
+                    continue
+                audio_b64 = json.loads(message)["audio"]
+                call, seq = frame_id(audio_b64)
+                arrived = now()
+                if call not in stats.configured:
+                    stats.configured[call], stats.handshake_done[call] = configured, accepted
+                    if self.profile == "realistic":
+                        self.spawn(self.talk(ws, call))
+                stats.seen_up[call].append(seq)
+                sent = stats.up_sent.get((call, seq))
+                if sent is not None and sent - stats.call_started[call] > BENCH_WARM_UP:
+                    stats.uplink.append(arrived - sent)
+                if self.profile == "steady":
+                    stats.down_sent[(call, seq)] = now()
+                    stats.sent_down[call] += 1
+                    await ws.send('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
+                                  f'{call}","output_index":0,"content_index":0,"delta":"{audio_b64}"}}')
+
+    def spawn(self, coroutine: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def talk(self, ws: ServerConnection, call: int) -> None:
+        """The agent: 2 s of speech every 5 s, in 100-200 ms deltas sent as fast as 20 ms apart."""
+        stats, seq, turn = self.stats, 0, 0
+        rng = random.Random(call)
+        await asyncio.sleep(rng.uniform(0, 5))
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                turn += 1
+                spoken = 0
+                while spoken < 2000:
+                    ms = rng.randrange(100, 201, 20)
+                    stats.down_sent[(call, seq)] = time.perf_counter()
+                    stats.sent_down[call] += 1
+                    await ws.send('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
+                                  f'{call}-{turn}","output_index":0,"content_index":0,'
+                                  f'"delta":"{frame_payload(call, seq, ms * 8)}"}}')
+                    seq += 1
+                    spoken += ms
+                    await asyncio.sleep(0.02)
+                await asyncio.sleep(5 - 2000 / 1000 - 0.02 * 13)
+
+
+class BenchCall:
+    """One simulated Twilio call."""
+
+    def __init__(self, number: int, url: str, stats: BenchStats, profile: str) -> None:
+        self.number, self.url, self.stats, self.profile = number, url, stats, profile
+        self.sid = f"MZ{number:032d}"
+        self.seq = 0
+        self.play_until = 0.0
+
+    async def open(self) -> None:
+        self.stats.opened[self.number] = time.perf_counter()
+        self.ws = await connect(self.url, compression=None, max_size=None)
+        await self.ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        await self.ws.send(json.dumps({"event": "start", "streamSid": self.sid, "start": {
+            "streamSid": self.sid, "callSid": f"CA{self.number:032d}", "customParameters": {}}}))
+        self.stats.call_started[self.number] = time.perf_counter()
+        self.reader = asyncio.create_task(self.read())
+
+    async def send_frame(self) -> None:
+        payload = frame_payload(self.number, self.seq, FRAME)
+        self.stats.up_sent[(self.number, self.seq)] = time.perf_counter()
+        self.seq += 1
+        await self.ws.send(f'{{"event":"media","streamSid":"{self.sid}","media":{{"track":"inbound",'
+                           f'"chunk":"{self.seq}","timestamp":"{self.seq * 20}","payload":"{payload}"}}}}')
+
+    async def read(self) -> None:
+        stats, call, now = self.stats, self.number, time.perf_counter
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ConnectionClosed):
+            async for message in self.ws:
+                if '"event":"mark"' in message[:30] or '"event": "mark"' in message[:30]:
+                    name = json.loads(message)["mark"]["name"]
+                    echo = ('{"event":"mark","streamSid":"' + self.sid + '","mark":{"name":"' + name + '"}}')
+                    if self.profile == "steady":
+                        await self.ws.send(echo)
+                    else:
+                        delay = max(0.0, self.play_until - now())
+                        loop.call_later(delay, lambda echo=echo: asyncio.ensure_future(self.send_quietly(echo)))
+                    continue
+                event = json.loads(message)
+                if event["event"] != "media":
+                    continue
+                arrived = now()
+                payload = event["media"]["payload"]
+                _, seq = frame_id(payload)
+                stats.seen_down[call].append(seq)
+                if self.profile == "realistic":
+                    self.play_until = max(arrived, self.play_until) + len(payload) * 3 / 4 / 8000
+                sent_down = stats.down_sent.get((call, seq))
+                sent_up = stats.up_sent.get((call, seq)) if self.profile == "steady" else None
+                start = stats.call_started[call]
+                if sent_down is not None and sent_down - start > BENCH_WARM_UP:
+                    stats.downlink.append(arrived - sent_down)
+                if sent_up is not None and sent_up - start > BENCH_WARM_UP:
+                    stats.round_trip.append(arrived - sent_up)
+
+    async def send_quietly(self, message: str) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(message)
+
+    async def close(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(json.dumps({"event": "stop", "streamSid": self.sid}))
+        await self.ws.close()
+        await asyncio.gather(self.reader, return_exceptions=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def lost_and_reordered(seen: dict[int, list[int]], expected: dict[int, int]) -> tuple[int, int]:
+    lost = reordered = 0
+    for call, count in expected.items():
+        got = seen.get(call, [])
+        lost += count - len(set(got))
+        reordered += sum(1 for a, b in zip(got, got[1:]) if b < a)
+    return lost, reordered
+
+
+async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[str, str]) -> dict[str, Any]:
+    stats = BenchStats()
+    fake = BenchOpenAI(stats, profile)
+    async with serve(fake.handle, "127.0.0.1", 0, process_request=fake.check, compression=None,
+                     max_size=None) as server:
+        fake_port = server.sockets[0].getsockname()[1]
+        env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
+               "LOG_LEVEL": "INFO", "GREETING": "", "MAX_CALLS": "100000", **extra_env}
+        process = await start_relay_process(env)
+        os.sched_setaffinity(process.pid, {0})
+        port, _ = await read_port(process)
+        assert process.stderr is not None
+        drain_log = asyncio.create_task(process.stderr.read())
+        url = f"ws://127.0.0.1:{port}/media-stream"
+        rss_idle = rss_bytes(process.pid)
+
+        bench_calls = [BenchCall(n, url, stats, profile) for n in range(calls)]
+        opening = [asyncio.create_task(call.open()) for call in bench_calls]
+        await asyncio.gather(*opening)
+        # Twilio paces each call at 20 ms, and calls are not in step: one ticker sends a
+        # tenth of the calls every 2 ms, so each call still sends every 20 ms.
+        groups = [bench_calls[i::10] for i in range(10)]
+        started = time.perf_counter()
+        relay_cpu0, own0 = cpu_seconds(process.pid), os.times()
+        rss_peak = 0
+        tick = 0
+        late_ticks = 0
+        while time.perf_counter() - started < seconds:
+            for call in groups[tick % 10]:
+                await call.send_frame()
+            tick += 1
+            delay = started + tick * 0.002 - time.perf_counter()
+            if delay < -0.02:
+                late_ticks += 1
+            await asyncio.sleep(max(0.0, delay))
+            if tick % 500 == 0:
+                rss_peak = max(rss_peak, rss_bytes(process.pid))
+        wall = time.perf_counter() - started
+        relay_cpu = (cpu_seconds(process.pid) - relay_cpu0) / wall
+        own1 = os.times()
+        own_cpu = (own1.user + own1.system - own0.user - own0.system) / wall
+        await asyncio.sleep(1.0)  # let frames in flight arrive
+        await asyncio.gather(*(call.close() for call in bench_calls))
+        process.send_signal(signal.SIGTERM)
+        await process.wait()
+        await drain_log
+
+    sent_up = {call.number: call.seq for call in bench_calls}
+    lost_up, reordered_up = lost_and_reordered(stats.seen_up, sent_up)
+    lost_down, reordered_down = lost_and_reordered(stats.seen_down, dict(stats.sent_down))
+    setup = [stats.configured[n] - stats.opened[n] for n in stats.configured]
+    after_handshake = [stats.configured[n] - stats.handshake_done[n] for n in stats.configured]
+    ms = 1000
+    return {
+        "calls": calls,
+        "rtt_p50": percentile(stats.round_trip, 0.5) * ms, "rtt_p99": percentile(stats.round_trip, 0.99) * ms,
+        "rtt_max": max(stats.round_trip, default=float("nan")) * ms,
+        "up_p50": percentile(stats.uplink, 0.5) * ms, "up_p99": percentile(stats.uplink, 0.99) * ms,
+        "down_p50": percentile(stats.downlink, 0.5) * ms, "down_p99": percentile(stats.downlink, 0.99) * ms,
+        "lost": lost_up + lost_down, "reordered": reordered_up + reordered_down,
+        "frames": sum(sent_up.values()) + sum(stats.sent_down.values()),
+        "relay_cpu": relay_cpu * 100, "loadgen_cpu": own_cpu * 100, "late_ticks": late_ticks,
+        "kib_per_call": (rss_peak - rss_idle) / calls / 1024,
+        "setup_p50": percentile(setup, 0.5) * ms, "setup_max": max(setup, default=float("nan")) * ms,
+        "update_after_handshake_max": max(after_handshake, default=float("nan")) * ms,
+        "configured": len(stats.configured),
+    }
+
+
+def print_level(result: dict[str, Any], profile: str) -> None:
+    r = result
+    latency = (f"rtt p50 {r['rtt_p50']:5.1f} p99 {r['rtt_p99']:6.1f} max {r['rtt_max']:6.1f} ms | "
+               if profile == "steady" else "")
+    print(
+        f"{r['calls']:4d} calls | {latency}up p50 {r['up_p50']:5.1f} p99 {r['up_p99']:6.1f} | "
+        f"down p50 {r['down_p50']:5.1f} p99 {r['down_p99']:6.1f} ms | lost {r['lost']} reordered {r['reordered']} "
+        f"of {r['frames']} | relay CPU {r['relay_cpu']:5.1f}% | {r['kib_per_call']:5.1f} KiB/call | "
+        f"set-up p50 {r['setup_p50']:5.0f} max {r['setup_max']:5.0f} ms "
+        f"(session.update <= {r['update_after_handshake_max']:.1f} ms after handshake) | "
+        f"load generator CPU {r['loadgen_cpu']:4.0f}%",
+        flush=True,
+    )
+    if r["loadgen_cpu"] > 90 or r["late_ticks"]:
+        print(f"      ^ the load generator was the bottleneck here ({r['late_ticks']} late ticks): "
+              "the relay may do better than these figures", flush=True)
+    if r["configured"] != r["calls"]:
+        print(f"      ^ only {r['configured']} of {r['calls']} calls got a configured session", flush=True)
+
+
+def bench(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python test_relay.py bench", description="Load benchmark for relay.py")
+    parser.add_argument("--calls", default="50,100,150,200,250", help="comma-separated load levels")
+    parser.add_argument("--seconds", type=float, default=20, help="measured seconds per level")
+    parser.add_argument("--profile", choices=("steady", "realistic"), default="steady")
+    parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for the relay")
+    args = parser.parse_args(argv)
+    os.sched_setaffinity(0, {1})
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    print(f"relay.py on CPU 0, load generator on CPU 1; {os.cpu_count()} CPUs; {args.profile} profile; "
+          f"{args.seconds:g} s per level; OpenAI handshake {BENCH_HANDSHAKE_DELAY * 1000:.0f} ms", flush=True)
+    for calls in (int(n) for n in args.calls.split(",")):
+        print_level(asyncio.run(bench_level(calls, args.seconds, args.profile, extra_env)), args.profile)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["bench"]:
+        bench(sys.argv[2:])
+    else:
+        sys.exit("usage: python test_relay.py bench [--help]   (run the tests with: python -m pytest -q)")
