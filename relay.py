@@ -76,6 +76,7 @@ BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
 START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
 MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
+COALESCE_WHEN_LATE = 0.02  # seconds behind Twilio's clock before caller frames are joined
 MARK_EVERY_MS = 100  # agent audio between two marks: fewer messages, yet barge-in stays exact
 
 
@@ -395,6 +396,8 @@ class Call:
         # Caller audio that arrives while OpenAI is still connecting, sent once it is ready.
         self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
         self.openai_ready = False
+        self.held_audio = b""  # a caller frame waiting to be joined with the next one
+        self.least_lag = float("inf")  # see falling_behind()
         self.session_configured = False
         self.greeted = False
         self.responding = False  # between response.created and response.done
@@ -483,6 +486,8 @@ class Call:
             await self.on_dtmf(event)
         elif kind == "stop":
             self.log.info("the caller hung up (Twilio stopped the stream)")
+            if self.held_audio:
+                await self.send_caller_audio(binascii.b2a_base64(self.held_audio, newline=False).decode())
             return False
         elif kind == "connected":
             self.log.debug("Twilio connected")
@@ -516,14 +521,39 @@ class Call:
             self.bad_input("media without media.payload", repr(event)[:120])
             return
         try:
-            size = len(binascii.a2b_base64(payload, strict_mode=True))
+            audio = binascii.a2b_base64(payload, strict_mode=True)
         except binascii.Error:
             self.bad_input("media payload that is not base64", repr(payload[:40]))
             return
         self.stats.frames_in += 1
-        self.stats.bytes_in += size
+        self.stats.bytes_in += len(audio)
+        if self.held_audio:
+            audio, self.held_audio = self.held_audio + audio, b""
+            payload = binascii.b2a_base64(audio, newline=False).decode()
+        elif self.falling_behind(media):
+            self.held_audio = audio  # sent with the next frame, which is most likely already here
+            return
+        await self.send_caller_audio(payload)
+
+    async def send_caller_audio(self, payload: str) -> None:
         # The payload is valid base64, so it can go into the JSON as it is.
         await self.to_openai(f'{{"type":"input_audio_buffer.append","audio":"{payload}"}}')
+
+    def falling_behind(self, media: dict[str, Any]) -> bool:
+        """Is this frame being handled more than a frame later than Twilio's clock allows?
+
+        Twilio stamps each frame with its position in the stream. The smallest gap seen
+        between that and our clock is the network's delay; anything above it is the relay
+        running late. Then two frames are joined into one message (40 ms of audio),
+        halving the messages per call until the relay has caught up.
+        """
+        try:
+            lag = time.monotonic() - float(media["timestamp"]) / 1000
+        except (KeyError, TypeError, ValueError):
+            return False
+        if lag < self.least_lag:
+            self.least_lag = lag
+        return lag - self.least_lag > COALESCE_WHEN_LATE
 
     def on_mark(self, event: dict[str, Any]) -> None:
         mark = event.get("mark")

@@ -57,6 +57,11 @@ def run(scenario: Callable[[], Awaitable[None]], limit: float = 30) -> None:
     asyncio.run(bounded())
 
 
+def pcm(payloads: list[str]) -> bytes:
+    """The audio carried by these base64 payloads, in order."""
+    return b"".join(base64.b64decode(payload) for payload in payloads)
+
+
 def audio(call: int, index: int, size: int = FRAME) -> str:
     """A distinct, recognisable base64 payload for frame ``index`` of call ``call``."""
     head = f"c{call}f{index}:".encode()
@@ -87,6 +92,10 @@ class FakeSession:
 
     def appended(self) -> list[str]:
         return [event["audio"] for event in self.of_type("input_audio_buffer.append")]
+
+    def caller_audio(self) -> bytes:
+        """All caller audio received, in order (the relay may join frames when it runs late)."""
+        return pcm(self.appended())
 
     async def send(self, event: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(event))
@@ -198,6 +207,7 @@ class FakeTwilio:
 
     async def open(self, start: bool = True, headers: dict[str, str] | None = None, **start_extra: Any) -> FakeTwilio:
         self.ws = await connect(self.url, compression=None, additional_headers=headers)
+        self.opened_at = time.monotonic()
         self.reader = asyncio.create_task(self.read())
         self.player = asyncio.create_task(self.play())
         await self.send({"event": "connected", "protocol": "Call", "version": "1.0.0"})
@@ -222,7 +232,11 @@ class FakeTwilio:
         await self.ws.send(event if isinstance(event, (str, bytes)) else json.dumps(event))
 
     async def send_media(self, payloads: list[str], pace: float = 0.02) -> None:
-        """Send caller audio, one frame every ``pace`` seconds, as Twilio does."""
+        """Send caller audio, one frame every ``pace`` seconds on a steady clock, as Twilio does.
+
+        Each frame's timestamp is its time in the stream, as Twilio stamps it.
+        """
+        due = time.monotonic()
         for payload in payloads:
             self.chunk += 1
             await self.send(
@@ -232,14 +246,15 @@ class FakeTwilio:
                     "media": {
                         "track": "inbound",
                         "chunk": str(self.chunk),
-                        "timestamp": str(self.chunk * 20),
+                        "timestamp": str(int((time.monotonic() - self.opened_at) * 1000)),
                         "payload": payload,
                     },
                     "streamSid": self.stream_sid,
                 }
             )
             if pace:
-                await asyncio.sleep(pace)
+                due += pace
+                await asyncio.sleep(due - time.monotonic())
 
     async def stop(self) -> None:
         await self.send({"event": "stop", "sequenceNumber": "999", "streamSid": self.stream_sid,
@@ -550,14 +565,10 @@ def test_audio_both_ways_byte_exact_and_in_order_across_concurrent_calls() -> No
             twilios = [await FakeTwilio(url, n).open() for n in frames]
             await asyncio.gather(*(t.send_media(frames[t.number]) for t in twilios))
             for twilio in twilios:
-                await eventually(lambda: len(twilio.media) >= 40)
-            by_call = {}
-            for session in fake.sessions:
-                appended = session.appended()
-                by_call[base64.b64decode(appended[0]).split(b"f")[0].decode()] = appended
+                await eventually(lambda: pcm(twilio.media) == pcm(frames[twilio.number]))
+            by_call = {session.caller_audio().split(b"f", 1)[0]: session.caller_audio() for session in fake.sessions}
             for twilio in twilios:
-                assert by_call[f"c{twilio.number}"] == frames[twilio.number]
-                assert twilio.media == frames[twilio.number]
+                assert by_call[f"c{twilio.number}".encode()] == pcm(frames[twilio.number])
             await asyncio.gather(*(t.close() for t in twilios))
 
     run(scenario)
@@ -572,10 +583,32 @@ def test_no_caller_audio_is_lost_while_openai_is_slow_to_answer() -> None:
             frames = [audio(1, i) for i in range(60)]  # 1.2 s: half of it before OpenAI answers
             await twilio.send_media(frames)
             session = await fake.session()
-            await eventually(lambda: len(session.appended()) == 60)
+            await eventually(lambda: session.caller_audio() == pcm(frames))
             assert session.received[0]["type"] == "session.update"
-            assert session.appended() == frames
             await twilio.close()
+
+    run(scenario)
+
+
+def test_frames_handled_late_are_joined_in_pairs_and_nothing_is_lost() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            def frame(index: int, timestamp: int) -> dict[str, Any]:
+                return {"event": "media", "streamSid": twilio.stream_sid,
+                        "media": {"track": "inbound", "chunk": str(index), "timestamp": str(timestamp),
+                                  "payload": audio(1, index)}}
+
+            await twilio.send(frame(0, 0))  # on time
+            await eventually(lambda: len(session.appended()) == 1)
+            await asyncio.sleep(0.1)  # the next frames are stamped as if 100 ms had not passed
+            for index in range(1, 8):
+                await twilio.send(frame(index, 20))
+            await twilio.stop()  # sends the last frame, still waiting for a partner
+            await twilio.closed.wait()
+            frames = [audio(1, i) for i in range(8)]
+            assert session.caller_audio() == pcm(frames)
+            sizes = [len(base64.b64decode(a)) for a in session.appended()]
+            assert sizes == [FRAME, 2 * FRAME, 2 * FRAME, 2 * FRAME, FRAME]
 
     run(scenario)
 
@@ -589,8 +622,7 @@ def test_early_audio_is_bounded_and_keeps_the_newest(caplog: pytest.LogCaptureFi
             frames = [audio(1, i) for i in range(relay.EARLY_AUDIO_LIMIT + 50)]
             await twilio.send_media(frames, pace=0)
             session = await fake.session()
-            await eventually(lambda: len(session.appended()) == relay.EARLY_AUDIO_LIMIT)
-            assert session.appended() == frames[50:]
+            await eventually(lambda: session.caller_audio() == pcm(frames[50:]))
             await twilio.close()
 
     with caplog.at_level(logging.WARNING, logger="relay"):
@@ -730,8 +762,8 @@ def test_bad_input_from_twilio_is_logged_and_the_call_goes_on(caplog: pytest.Log
             frames = [audio(1, i) for i in range(1, 6)]
             await twilio.send_media(frames)
             await bystander.send_media([audio(2, 0)])
-            await eventually(lambda: any(s.appended() == frames for s in fake.sessions))
-            await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
+            await eventually(lambda: any(s.caller_audio() == pcm(frames) for s in fake.sessions))
+            await eventually(lambda: any(s.caller_audio() == pcm([audio(2, 0)]) for s in fake.sessions))
             assert (await health(the_relay))["errors"] == 10
             assert len(the_relay.calls) == 2
             await asyncio.gather(twilio.close(), bystander.close())
@@ -902,7 +934,7 @@ def test_the_agent_greets_only_once_the_session_is_configured() -> None:
             twilio = await FakeTwilio(url).open()
             session = await fake.session()
             await twilio.send_media([audio(1, i) for i in range(5)])
-            await eventually(lambda: len(session.appended()) == 5)  # the relay is live...
+            await eventually(lambda: session.caller_audio() == pcm([audio(1, i) for i in range(5)]))  # the relay is live...
             assert not session.of_type("response.create")  # ...but waits for session.updated
             fake.configure.set()
             await eventually(lambda: bool(session.of_type("response.create")))
@@ -1181,7 +1213,7 @@ def test_a_frame_over_the_cap_closes_only_that_call(caplog: pytest.LogCaptureFix
             await twilio.closed.wait()
             assert twilio.close_code == 1009
             await bystander.send_media([audio(2, 0)])
-            await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
+            await eventually(lambda: any(s.caller_audio() == pcm([audio(2, 0)]) for s in fake.sessions))
             assert the_relay.stats.errors["twilio_frame_too_big"] == 1
             await asyncio.gather(twilio.shutdown(), bystander.close())
 
@@ -1194,7 +1226,7 @@ def test_metrics_count_calls_audio_and_barge_ins() -> None:
     async def scenario() -> None:
         async with one_call() as (_, the_relay, twilio, session):
             await twilio.send_media([audio(1, i) for i in range(5)], pace=0)
-            await eventually(lambda: len(session.appended()) == 5)
+            await eventually(lambda: session.caller_audio() == pcm([audio(1, i) for i in range(5)]))
             await session.say("item_a", speech(1, 10))
             await eventually(lambda: twilio.played_bytes >= 1600)
             await speech_started(session)
@@ -1255,7 +1287,7 @@ async def call_under_attack() -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, st
 
         async def check() -> None:
             await sending
-            await eventually(lambda: any(s.appended() == frames for s in fake.sessions))
+            await eventually(lambda: any(s.caller_audio() == pcm(frames) for s in fake.sessions))
             assert (await health(the_relay))["connections"]["active"] >= 1
             assert the_relay.stats.errors["relay_bug"] == 0
 
@@ -1271,13 +1303,13 @@ def test_hostile_frames_beside_a_normal_call(caplog: pytest.LogCaptureFixture) -
             for frame in HOSTILE_FRAMES:
                 await hostile.send(frame)
             await hostile.send_media([audio(2, 0)])  # the hostile call itself still works
-            await eventually(lambda: any(s.appended() == [audio(2, 0)] for s in fake.sessions))
+            await eventually(lambda: any(s.caller_audio() == pcm([audio(2, 0)]) for s in fake.sessions))
             assert the_relay.stats.errors["bad_twilio_input"] == len(HOSTILE_FRAMES)  # each counted once
             flood = await FakeTwilio(url, 3).open()
             for _ in range(10_000):
                 await flood.send("{}")
             await flood.send_media([audio(3, 0)])
-            await eventually(lambda: any(s.appended() == [audio(3, 0)] for s in fake.sessions))
+            await eventually(lambda: any(s.caller_audio() == pcm([audio(3, 0)]) for s in fake.sessions))
             silent_reader, silent_writer = await asyncio.open_connection("127.0.0.1", the_relay.port)  # type: ignore[attr-defined]
             non_utf8 = await FakeTwilio(url, 4).open()
             await non_utf8.ws.send(b"\xff\xfe\xfd", text=True)  # type: ignore[union-attr]
@@ -1409,14 +1441,20 @@ class BenchStats:
         self.handshake_done: dict[int, float] = {}  # OpenAI handshake complete
         self.configured: dict[int, float] = {}  # session.update received
         self.call_started: dict[int, float] = {}
+        self.window_over = False  # after the measured window the agent stops talking
 
 
 def frame_payload(call: int, seq: int, size: int) -> str:
     return base64.b64encode(struct.pack(">II", call, seq) + bytes(size - 8)).decode()
 
 
-def frame_id(payload: str) -> tuple[int, int]:
-    return struct.unpack_from(">II", base64.b64decode(payload[:12]))  # type: ignore[return-value]
+TRAILER = 0xFFFFFFFF  # the seq of frames sent after the measured window, never counted
+
+
+def frame_ids(payload: str, unit: int) -> list[tuple[int, int]]:
+    """The (call, seq) of every frame in a payload; the relay may have joined frames."""
+    data = base64.b64decode(payload)
+    return [struct.unpack_from(">II", data, offset) for offset in range(0, len(data), unit)]  # type: ignore[misc]
 
 
 class BenchOpenAI:
@@ -1441,19 +1479,22 @@ class BenchOpenAI:
                         configured = now()
                     continue
                 audio_b64 = json.loads(message)["audio"]
-                call, seq = frame_id(audio_b64)
                 arrived = now()
-                if call not in stats.configured:
-                    stats.configured[call], stats.handshake_done[call] = configured, accepted
-                    if self.profile == "realistic":
-                        self.spawn(self.talk(ws, call))
-                stats.seen_up[call].append(seq)
-                sent = stats.up_sent.get((call, seq))
-                if sent is not None and sent - stats.call_started[call] > BENCH_WARM_UP:
-                    stats.uplink.append(arrived - sent)
-                if self.profile == "steady":
-                    stats.down_sent[(call, seq)] = now()
-                    stats.sent_down[call] += 1
+                for call, seq in frame_ids(audio_b64, FRAME):
+                    if call not in stats.configured:
+                        stats.configured[call], stats.handshake_done[call] = configured, accepted
+                        if self.profile == "realistic":
+                            self.spawn(self.talk(ws, call))
+                    if seq == TRAILER:
+                        continue
+                    stats.seen_up[call].append(seq)
+                    sent = stats.up_sent.get((call, seq))
+                    if sent is not None and sent - stats.call_started[call] > BENCH_WARM_UP:
+                        stats.uplink.append(arrived - sent)
+                    if self.profile == "steady":
+                        stats.down_sent[(call, seq)] = now()
+                        stats.sent_down[call] += 1
+                if self.profile == "steady":  # echo the append as it came, joined frames and all
                     await ws.send('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
                                   f'{call}","output_index":0,"content_index":0,"delta":"{audio_b64}"}}')
 
@@ -1471,7 +1512,7 @@ class BenchOpenAI:
             while True:
                 turn += 1
                 spoken = 0
-                while spoken < 2000:
+                while spoken < 2000 and not stats.window_over:
                     ms = rng.randrange(100, 201, 20)
                     stats.down_sent[(call, seq)] = time.perf_counter()
                     stats.sent_down[call] += 1
@@ -1502,12 +1543,16 @@ class BenchCall:
         self.stats.call_started[self.number] = time.perf_counter()
         self.reader = asyncio.create_task(self.read())
 
-    async def send_frame(self) -> None:
-        payload = frame_payload(self.number, self.seq, FRAME)
-        self.stats.up_sent[(self.number, self.seq)] = time.perf_counter()
-        self.seq += 1
-        await self.ws.send(f'{{"event":"media","streamSid":"{self.sid}","media":{{"track":"inbound",'
-                           f'"chunk":"{self.seq}","timestamp":"{self.seq * 20}","payload":"{payload}"}}}}')
+    async def send_frame(self, trailer: bool = False) -> None:
+        seq = TRAILER if trailer else self.seq
+        payload = frame_payload(self.number, seq, FRAME)
+        sent = time.perf_counter()
+        self.stats.up_sent[(self.number, seq)] = sent
+        self.seq += not trailer
+        timestamp = int((sent - self.stats.call_started[self.number]) * 1000)
+        with contextlib.suppress(ConnectionClosed):
+            await self.ws.send(f'{{"event":"media","streamSid":"{self.sid}","media":{{"track":"inbound",'
+                               f'"chunk":"{self.seq}","timestamp":"{timestamp}","payload":"{payload}"}}}}')
 
     async def read(self) -> None:
         stats, call, now = self.stats, self.number, time.perf_counter
@@ -1528,17 +1573,21 @@ class BenchCall:
                     continue
                 arrived = now()
                 payload = event["media"]["payload"]
-                _, seq = frame_id(payload)
-                stats.seen_down[call].append(seq)
                 if self.profile == "realistic":
                     self.play_until = max(arrived, self.play_until) + len(payload) * 3 / 4 / 8000
-                sent_down = stats.down_sent.get((call, seq))
-                sent_up = stats.up_sent.get((call, seq)) if self.profile == "steady" else None
                 start = stats.call_started[call]
-                if sent_down is not None and sent_down - start > BENCH_WARM_UP:
-                    stats.downlink.append(arrived - sent_down)
-                if sent_up is not None and sent_up - start > BENCH_WARM_UP:
-                    stats.round_trip.append(arrived - sent_up)
+                # An echoed delta carries the caller's frames, possibly joined; an agent delta one id.
+                ids = frame_ids(payload, FRAME) if self.profile == "steady" else frame_ids(payload[:12], 12)
+                for _, seq in ids:
+                    if seq == TRAILER:
+                        continue
+                    stats.seen_down[call].append(seq)
+                    sent_down = stats.down_sent.get((call, seq))
+                    sent_up = stats.up_sent.get((call, seq)) if self.profile == "steady" else None
+                    if sent_down is not None and sent_down - start > BENCH_WARM_UP:
+                        stats.downlink.append(arrived - sent_down)
+                    if sent_up is not None and sent_up - start > BENCH_WARM_UP:
+                        stats.round_trip.append(arrived - sent_up)
 
     async def send_quietly(self, message: str) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -1596,8 +1645,9 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         rss_idle = rss_bytes(process.pid)
 
         bench_calls = [BenchCall(n, url, stats, profile) for n in range(calls)]
-        opening = [asyncio.create_task(call.open()) for call in bench_calls]
-        await asyncio.gather(*opening)
+        for first in range(0, calls, 10):  # calls arrive at 50 a second, not all at once
+            await asyncio.gather(*(call.open() for call in bench_calls[first:first + 10]))
+            await asyncio.sleep(0.2)
         # Twilio paces each call at 20 ms, and calls are not in step: one ticker sends a
         # tenth of the calls every 2 ms, so each call still sends every 20 ms.
         groups = [bench_calls[i::10] for i in range(10)]
@@ -1620,6 +1670,9 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         relay_cpu = (cpu_seconds(process.pid) - relay_cpu0) / wall
         own1 = os.times()
         own_cpu = (own1.user + own1.system - own0.user - own0.system) / wall
+        stats.window_over = True
+        for call in bench_calls:  # Twilio's stream goes on: this frame flushes any frame held to be joined
+            await call.send_frame(trailer=True)
         await asyncio.sleep(1.0)  # let frames in flight arrive
         await asyncio.gather(*(call.close() for call in bench_calls))
         process.send_signal(signal.SIGTERM)
