@@ -695,7 +695,7 @@ class Call:
                 "audio_end_ms": cut.heard_ms,
             }
         )
-        self.relay.stats.barge_ins += 1
+        self.stats.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
 
     async def greet(self) -> None:
@@ -795,10 +795,6 @@ class Histogram:
                 f"{name}_count {self.count}"]
 
 
-def _counter() -> collections.Counter[str]:
-    return collections.Counter()
-
-
 @dataclasses.dataclass
 class Stats:
     """What the relay has done since it started: shown by /health and /metrics."""
@@ -810,9 +806,9 @@ class Stats:
     bytes_in: int = 0
     frames_out: int = 0  # agent audio chunks forwarded to Twilio
     bytes_out: int = 0
-    errors: collections.Counter[str] = dataclasses.field(default_factory=_counter)
-    refused: collections.Counter[str] = dataclasses.field(default_factory=_counter)
-    dropped: collections.Counter[str] = dataclasses.field(default_factory=_counter)
+    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    refused: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    dropped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     call_seconds: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((10, 30, 60, 120, 300, 600, 1800, 3600))
     )
