@@ -24,6 +24,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -36,7 +37,7 @@ import sys
 import time
 import urllib.parse
 import xml.sax.saxutils
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from dotenv import load_dotenv
@@ -77,6 +78,7 @@ MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
 START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
 MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
 COALESCE_WHEN_LATE = 0.02  # seconds behind Twilio's clock before caller frames are joined
+WARM_SESSION_MAX_AGE = 240.0  # seconds; a call must still fit in the session's 60 minutes
 MARK_EVERY_MS = 100  # agent audio between two marks: fewer messages, yet barge-in stays exact
 
 
@@ -108,6 +110,7 @@ class Config:
     twilio_auth_token: str = ""
     public_url: str = ""
     max_calls: int = 50
+    warm_sessions: int = 0
 
     def __repr__(self) -> str:
         """Keep the secrets out of any log line or traceback that shows the config."""
@@ -199,6 +202,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
         public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
         max_calls=int(_number(env, "MAX_CALLS", 50, 1, 100000)),
+        warm_sessions=int(_number(env, "WARM_SESSIONS", 0, 0, 100)),
     )
 
 
@@ -274,6 +278,60 @@ async def connect_openai(config: Config) -> ClientConnection:
         close_timeout=CLOSE_TIMEOUT,
         max_size=2**22,
     )
+
+
+class WarmSessions:
+    """OpenAI sessions opened and configured ahead of calls, so a call skips the handshake.
+
+    Off unless WARM_SESSIONS is set. An idle session costs no tokens (OpenAI bills
+    responses, not connections), but each is a Realtime session held open, and it must
+    leave a call room inside OpenAI's 60-minute limit: so they are replaced every few
+    minutes, and as soon as a call takes one.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ready: collections.deque[tuple[float, ClientConnection]] = collections.deque()
+        self.taken = asyncio.Event()
+
+    def take(self) -> ClientConnection | None:
+        """A configured session that is still open and young enough, if there is one."""
+        while self.ready:
+            opened, session = self.ready.popleft()
+            self.taken.set()
+            if session.state is State.OPEN and time.monotonic() - opened < WARM_SESSION_MAX_AGE:
+                return session
+        return None
+
+    async def keep_ready(self) -> None:
+        """Dial until WARM_SESSIONS are ready; replace old and taken ones; runs until cancelled."""
+        while True:
+            while self.ready and time.monotonic() - self.ready[0][0] >= WARM_SESSION_MAX_AGE:
+                await self.ready.popleft()[1].close()
+            missing = self.config.warm_sessions - len(self.ready)
+            opened = await asyncio.gather(*(self.open_one() for _ in range(missing)), return_exceptions=True)
+            for result in opened:
+                if isinstance(result, ClientConnection):
+                    self.ready.append((time.monotonic(), result))
+                else:
+                    logger.warning("could not open a warm OpenAI session: %s", result)
+            if len(self.ready) < self.config.warm_sessions:
+                await asyncio.sleep(5)  # OpenAI is refusing or unreachable: do not hammer it
+                continue
+            self.taken.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WARM_SESSION_MAX_AGE / 4):
+                    await self.taken.wait()
+
+    async def open_one(self) -> ClientConnection:
+        session = await connect_openai(self.config)
+        await session.send(json.dumps(session_update(self.config)))
+        return session
+
+    async def close(self) -> None:
+        sessions = [session for _, session in self.ready]
+        self.ready.clear()
+        await asyncio.gather(*(session.close() for session in sessions))
 
 
 # 3. One phone call -------------------------------------------------------------
@@ -588,20 +646,26 @@ class Call:
 
     async def openai_to_twilio(self) -> None:
         """Connect to OpenAI, configure the session, then forward the agent's audio to Twilio."""
-        started = time.monotonic()
+        warm = self.relay.warm.take()
+        if warm is not None:
+            self.openai = warm
+            self.log.info("OpenAI connected: using a warm session")
+        else:
+            started = time.monotonic()
+            try:
+                self.openai = await connect_openai(self.config)
+            except InvalidStatus as refused:
+                return self.openai_failed(f"refused the connection: HTTP {refused.response.status_code}")
+            except TimeoutError:
+                return self.openai_failed(f"did not answer within {self.config.openai_connect_timeout:g} s")
+            except (OSError, InvalidHandshake) as error:
+                return self.openai_failed(f"could not be reached: {error}")
+            connect_seconds = time.monotonic() - started
+            self.stats.openai_connect.observe(connect_seconds)
+            self.log.info("OpenAI connected in %.0f ms", connect_seconds * 1000)
         try:
-            self.openai = await connect_openai(self.config)
-        except InvalidStatus as refused:
-            return self.openai_failed(f"refused the connection: HTTP {refused.response.status_code}")
-        except TimeoutError:
-            return self.openai_failed(f"did not answer within {self.config.openai_connect_timeout:g} s")
-        except (OSError, InvalidHandshake) as error:
-            return self.openai_failed(f"could not be reached: {error}")
-        connect_seconds = time.monotonic() - started
-        self.stats.openai_connect.observe(connect_seconds)
-        self.log.info("OpenAI connected in %.0f ms", connect_seconds * 1000)
-        try:
-            await self.openai.send(json.dumps(session_update(self.config)))
+            if warm is None:
+                await self.openai.send(json.dumps(session_update(self.config)))
             await self.send_early_audio()
             async for message in self.openai:
                 await self.on_openai_message(message)
@@ -824,6 +888,7 @@ class Relay:
         self.config = config
         self.stats = Stats()
         self.calls: set[Call] = set()
+        self.warm = WarmSessions(config)
 
     def count_error(self, kind: str) -> None:
         self.stats.errors[kind] += 1
@@ -1009,9 +1074,10 @@ def remote_address(connection: ServerConnection) -> str:
     return str(address[0]) if address else "unknown"
 
 
-def serve_calls(relay: Relay, host: str, port: int) -> Server:
+@contextlib.asynccontextmanager
+async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Server]:
     """The WebSocket server Twilio connects to, with the limits a phone call needs."""
-    return serve(
+    async with serve(
         relay.handle,
         host,
         port,
@@ -1019,7 +1085,15 @@ def serve_calls(relay: Relay, host: str, port: int) -> Server:
         compression=None,  # base64 audio barely compresses; deflate only costs CPU
         close_timeout=CLOSE_TIMEOUT,
         max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009
-    )
+    ) as server:
+        warming = asyncio.create_task(relay.warm.keep_ready()) if relay.config.warm_sessions else None
+        try:
+            yield server
+        finally:
+            if warming is not None:
+                warming.cancel()
+                await asyncio.gather(warming, return_exceptions=True)
+                await relay.warm.close()
 
 
 # 5. Start-up and shutdown ----------------------------------------------------------

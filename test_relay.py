@@ -39,6 +39,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 import relay
 
@@ -1379,6 +1380,36 @@ def test_generated_hostile_frames_never_hurt_the_relay(frames: list[str | bytes]
     run(scenario)
 
 
+# Warm sessions ------------------------------------------------------------------------------------
+
+
+def test_warm_sessions_let_a_call_skip_the_handshake() -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        async with fake.running():
+            await warm_call(fake)
+            # Shutting down the relay closed the warm sessions nobody used.
+            await eventually(lambda: all(s.ws.state is State.CLOSED for s in fake.sessions))
+
+    async def warm_call(fake: FakeOpenAI) -> None:
+        async with running_relay(fake, WARM_SESSIONS="2") as (the_relay, url):
+            await eventually(lambda: len(fake.sessions) == 2 and all(s.received for s in fake.sessions))
+            warm = list(fake.sessions)
+            assert all(s.received[0]["type"] == "session.update" for s in warm)
+            await warm[0].ws.close()  # OpenAI dropped one while it waited: it must not be used
+            fake.handshake_delay = 0.5  # new dials are slow from now on
+            twilio = await FakeTwilio(url).open()
+            await twilio.send_media([audio(1, i) for i in range(3)])
+            await eventually(lambda: warm[1].caller_audio() == pcm([audio(1, i) for i in range(3)]))
+            assert len(warm[1].of_type("session.update")) == 1  # configured once, before the call
+            await eventually(lambda: len(fake.sessions) >= 3)  # a replacement is being dialled
+            await twilio.close()
+            await eventually(lambda: not the_relay.calls)
+            assert any(s.ws.state is State.OPEN for s in fake.sessions)  # the replacement, still warm
+
+    run(scenario)
+
+
 # Shutdown ---------------------------------------------------------------------------------------
 
 
@@ -1459,6 +1490,7 @@ class BenchStats:
         self.opened: dict[int, float] = {}  # Twilio socket open
         self.handshake_done: dict[int, float] = {}  # OpenAI handshake complete
         self.configured: dict[int, float] = {}  # session.update received
+        self.first_audio: dict[int, float] = {}  # the call's first audio reached OpenAI
         self.call_started: dict[int, float] = {}
         self.window_over = False  # after the measured window the agent stops talking
 
@@ -1502,6 +1534,7 @@ class BenchOpenAI:
                 for call, seq in frame_ids(audio_b64, FRAME):
                     if call not in stats.configured:
                         stats.configured[call], stats.handshake_done[call] = configured, accepted
+                        stats.first_audio[call] = arrived
                         if self.profile == "realistic":
                             self.spawn(self.talk(ws, call))
                     if seq == TRAILER:
@@ -1561,6 +1594,7 @@ class BenchCall:
             "streamSid": self.sid, "callSid": f"CA{self.number:032d}", "customParameters": {}}}))
         self.stats.call_started[self.number] = time.perf_counter()
         self.reader = asyncio.create_task(self.read())
+        await self.send_frame()  # Twilio streams from the moment the call starts
 
     async def send_frame(self, trailer: bool = False) -> None:
         seq = TRAILER if trailer else self.seq
@@ -1661,6 +1695,7 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         assert process.stderr is not None
         drain_log = asyncio.create_task(process.stderr.read())
         url = f"ws://127.0.0.1:{port}/media-stream"
+        await asyncio.sleep(1)  # let the relay settle (and fill WARM_SESSIONS, if asked)
         rss_idle = rss_bytes(process.pid)
 
         bench_calls = [BenchCall(n, url, stats, profile) for n in range(calls)]
@@ -1703,6 +1738,7 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
     lost_down, reordered_down = lost_and_reordered(stats.seen_down, dict(stats.sent_down))
     setup = [stats.configured[n] - stats.opened[n] for n in stats.configured]
     after_handshake = [stats.configured[n] - stats.handshake_done[n] for n in stats.configured]
+    first_audio = [stats.first_audio[n] - stats.opened[n] for n in stats.first_audio]
     ms = 1000
     return {
         "calls": calls,
@@ -1716,23 +1752,29 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         "kib_per_call": (rss_peak - rss_idle) / calls / 1024,
         "setup_p50": percentile(setup, 0.5) * ms, "setup_max": max(setup, default=float("nan")) * ms,
         "update_after_handshake_max": max(after_handshake, default=float("nan")) * ms,
+        "first_audio_p50": percentile(first_audio, 0.5) * ms,
         "configured": len(stats.configured),
     }
 
 
 def print_level(result: dict[str, Any], profile: str) -> None:
     r = result
-    latency = (f"rtt p50 {r['rtt_p50']:5.1f} p99 {r['rtt_p99']:6.1f} max {r['rtt_max']:6.1f} ms | "
-               if profile == "steady" else "")
-    print(
-        f"{r['calls']:4d} calls | {latency}up p50 {r['up_p50']:5.1f} p99 {r['up_p99']:6.1f} | "
-        f"down p50 {r['down_p50']:5.1f} p99 {r['down_p99']:6.1f} ms | lost {r['lost']} reordered {r['reordered']} "
-        f"of {r['frames']} | relay CPU {r['relay_cpu']:5.1f}% | {r['kib_per_call']:5.1f} KiB/call | "
-        f"set-up p50 {r['setup_p50']:5.0f} max {r['setup_max']:5.0f} ms "
-        f"(session.update <= {r['update_after_handshake_max']:.1f} ms after handshake) | "
+    parts = [f"{r['calls']:4d} calls"]
+    if profile == "steady":
+        parts.append(f"rtt p50 {r['rtt_p50']:5.1f} p99 {r['rtt_p99']:6.1f} max {r['rtt_max']:6.1f} ms")
+    parts += [
+        f"up p50 {r['up_p50']:5.1f} p99 {r['up_p99']:6.1f} ms",
+        f"down p50 {r['down_p50']:5.1f} p99 {r['down_p99']:6.1f} ms",
+        f"lost {r['lost']} reordered {r['reordered']} of {r['frames']}",
+        f"relay CPU {r['relay_cpu']:5.1f}%",
+        f"{r['kib_per_call']:5.1f} KiB/call",
+        f"session.update sent {r['setup_p50']:.0f} ms after Twilio connected (p50), "
+        f"<= {r['update_after_handshake_max']:.1f} ms after the handshake"
+        if r["setup_p50"] >= 0 else "session configured before the call (warm)",
+        f"first caller audio at OpenAI after {r['first_audio_p50']:.0f} ms (p50)",
         f"load generator CPU {r['loadgen_cpu']:4.0f}%",
-        flush=True,
-    )
+    ]
+    print(" | ".join(parts), flush=True)
     if r["loadgen_cpu"] > 85 or r["late_ticks"] > r["ticks"] / 100:
         print(f"      ^ the load generator was the bottleneck here ({r['late_ticks']} late ticks): "
               "the relay may do better than these figures", flush=True)
