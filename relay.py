@@ -25,6 +25,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import hashlib
@@ -1129,6 +1130,22 @@ async def drain(server: Server, relay: Relay) -> None:
         await asyncio.gather(*(c.close(1012, "relay restarting") for c in remaining))
 
 
+def keep_read_buffers_off_mmap() -> None:
+    """Stop every received message from costing three extra system calls.
+
+    asyncio reads each socket into a fresh 256 KiB buffer. glibc hands out blocks that
+    large with mmap, then shrinks (mremap) and frees (munmap) them: three system calls
+    per WebSocket message, about a third of the relay's CPU under load (seen with
+    strace). Raising glibc's threshold above 256 KiB keeps these buffers on the heap.
+    Other C libraries (macOS, musl) are left alone.
+    """
+    m_mmap_threshold = -3  # from glibc's <malloc.h>
+    try:
+        ctypes.CDLL(None).mallopt(m_mmap_threshold, 512 * 1024)
+    except (OSError, AttributeError):
+        pass
+
+
 def exit_now(signum: int) -> None:
     """A second Ctrl-C or SIGTERM: the operator does not want to wait."""
     logger.warning("second %s: exiting at once", signal.Signals(signum).name)
@@ -1143,6 +1160,7 @@ async def main() -> None:
     except ConfigError as error:
         sys.exit(f"relay: configuration error: {error}")
     setup_logging(config.log_level)
+    keep_read_buffers_off_mmap()
     relay = Relay(config)
 
     loop = asyncio.get_running_loop()

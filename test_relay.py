@@ -1790,6 +1790,7 @@ def bench(argv: list[str]) -> None:
     parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for the relay")
     args = parser.parse_args(argv)
     os.sched_setaffinity(0, {1})
+    relay.keep_read_buffers_off_mmap()  # the load generator reads sockets the same way
     extra_env = dict(item.split("=", 1) for item in args.env)
     print(f"relay.py on CPU 0, load generator on CPU 1; {os.cpu_count()} CPUs; {args.profile} profile; "
           f"{args.seconds:g} s per level; OpenAI handshake {BENCH_HANDSHAKE_DELAY * 1000:.0f} ms", flush=True)
