@@ -664,68 +664,42 @@ def test_openai_hanging_up_mid_call_closes_twilio(caplog: pytest.LogCaptureFixtu
     assert any("code 1011 'server trouble'" in r.message and "CA" in r.message for r in caplog.records)
 
 
-@pytest.mark.parametrize("status", [401, 403, 429, 500, 503])
-def test_openai_refusing_the_handshake_hands_the_call_back_to_twilio(
-    status: int, caplog: pytest.LogCaptureFixture
-) -> None:
+OPENAI_FAILURES = {
+    **{f"refused {status}": ({"refuse_status": status}, {}, f"refused the connection: HTTP {status}")
+       for status in (401, 403, 429, 500, 503)},
+    "wrong key": ({}, {"OPENAI_API_KEY": "sk-wrong"}, "refused the connection: HTTP 401"),
+    "slow": ({"handshake_delay": 5}, {"OPENAI_CONNECT_TIMEOUT": "0.3"}, "did not answer within 0.3 s"),
+    "unreachable": ({"stopped": True}, {}, "could not be reached"),
+}
+
+
+@pytest.mark.parametrize("case", OPENAI_FAILURES)
+def test_openai_failing_to_answer_hands_the_call_back_to_twilio(case: str, caplog: pytest.LogCaptureFixture) -> None:
+    behaviour, env, complaint = OPENAI_FAILURES[case]
+
     async def scenario() -> None:
         fake = FakeOpenAI()
-        fake.refuse_status = status
-        async with fake.running(), running_relay(fake) as (the_relay, url):
-            twilio = await FakeTwilio(url).open()
-            await twilio.closed.wait()
-            assert twilio.close_code == 1011
-            assert (await health(the_relay))["errors"] == 1
-            await twilio.shutdown()
-
-    with caplog.at_level(logging.INFO, logger="relay"):
-        run(scenario)
-    assert any(f"HTTP {status}" in r.message for r in caplog.records if r.levelno == logging.ERROR)
-    assert not any(API_KEY in r.getMessage() for r in caplog.records)
-
-
-def test_wrong_api_key_is_refused_by_openai(caplog: pytest.LogCaptureFixture) -> None:
-    async def scenario() -> None:
-        async with FakeOpenAI().running() as fake, running_relay(fake, OPENAI_API_KEY="sk-wrong") as (_, url):
-            twilio = await FakeTwilio(url).open()
-            await twilio.closed.wait()
-            await twilio.shutdown()
-
-    with caplog.at_level(logging.INFO, logger="relay"):
-        run(scenario)
-    assert any("HTTP 401" in r.message for r in caplog.records)
-
-
-def test_openai_handshake_timeout(caplog: pytest.LogCaptureFixture) -> None:
-    async def scenario() -> None:
-        fake = FakeOpenAI()
-        fake.handshake_delay = 5
-        async with fake.running(), running_relay(fake, OPENAI_CONNECT_TIMEOUT="0.3") as (the_relay, url):
-            twilio = await FakeTwilio(url).open()
-            await twilio.closed.wait()
-            assert twilio.close_code == 1011
-            assert (await health(the_relay))["errors"] == 1
-            await twilio.shutdown()
-
-    with caplog.at_level(logging.INFO, logger="relay"):
-        run(scenario)
-    assert any("did not answer within 0.3 s" in r.message for r in caplog.records)
-
-
-def test_unreachable_openai(caplog: pytest.LogCaptureFixture) -> None:
-    async def scenario() -> None:
-        fake = FakeOpenAI()
+        fake.refuse_status = behaviour.get("refuse_status")
+        fake.handshake_delay = behaviour.get("handshake_delay", 0)
         async with fake.running():
-            pass  # the port is now closed
-        async with running_relay(fake) as (the_relay, url):
+            if not behaviour.get("stopped"):
+                await fail_one_call(fake)
+        if behaviour.get("stopped"):  # the fake's port is closed now
+            await fail_one_call(fake)
+
+    async def fail_one_call(fake: FakeOpenAI) -> None:
+        async with running_relay(fake, **env) as (the_relay, url):
             twilio = await FakeTwilio(url).open()
             await twilio.closed.wait()
-            assert twilio.close_code == 1011
+            assert twilio.close_code == 1011  # Twilio then plays the TwiML after <Connect>
+            assert (await health(the_relay))["errors"] == 1
             await twilio.shutdown()
 
     with caplog.at_level(logging.INFO, logger="relay"):
         run(scenario)
-    assert any("could not be reached" in r.message for r in caplog.records)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(complaint in line and "[call 1 " in line for line in errors)  # names the call
+    assert not any(API_KEY in r.getMessage() for r in caplog.records)
 
 
 def test_openai_error_events_are_logged_loudly_and_the_call_goes_on(caplog: pytest.LogCaptureFixture) -> None:
@@ -1410,6 +1384,18 @@ def test_warm_sessions_let_a_call_skip_the_handshake() -> None:
     run(scenario)
 
 
+# The load benchmark, at a small scale ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("profile", ["steady", "realistic"])
+def test_the_benchmark_runs_and_the_relay_loses_nothing(profile: str) -> None:
+    result = asyncio.run(bench_level(calls=6, seconds=2, profile=profile, extra_env={}))
+    assert result["configured"] == 6
+    assert result["frames"] > 6 * 2 * 50 * 0.5
+    assert (result["lost"], result["reordered"]) == (0, 0)
+    assert result["relay_cpu"] > 0 and result["kib_per_call"] > 0
+
+
 # Shutdown ---------------------------------------------------------------------------------------
 
 
@@ -1471,6 +1457,11 @@ import argparse  # noqa: E402
 import random  # noqa: E402
 import struct  # noqa: E402
 
+from websockets.client import ClientProtocol  # noqa: E402
+from websockets.frames import Frame, Opcode  # noqa: E402
+from websockets.server import ServerProtocol  # noqa: E402
+from websockets.uri import parse_uri  # noqa: E402
+
 BENCH_HANDSHAKE_DELAY = 0.3  # seconds the fake OpenAI takes to accept, like the real one
 BENCH_WARM_UP = 1.0  # each call's first second (OpenAI still connecting) is left out of latency
 
@@ -1508,149 +1499,203 @@ def frame_ids(payload: str, unit: int) -> list[tuple[int, int]]:
     return [struct.unpack_from(">II", data, offset) for offset in range(0, len(data), unit)]  # type: ignore[misc]
 
 
-class BenchOpenAI:
-    """The fake OpenAI for the benchmark: as lean as possible, so the relay is what we measure."""
+class SansIOPeer(asyncio.Protocol):
+    """One WebSocket end for the load generator, driven by callbacks.
+
+    websockets' Sans-I/O protocol does the handshake, framing, masking and pings; this
+    feeds it bytes and writes out what it produces. With no task switch per message the
+    generator costs far less than the relay it measures, so the figures are the relay's.
+    """
+
+    def __init__(self, ws: ClientProtocol | ServerProtocol) -> None:
+        self.ws = ws
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        for event in self.ws.events_received():
+            if isinstance(event, Frame):
+                if event.opcode is Opcode.TEXT:
+                    self.on_text(event.data.decode())
+            else:
+                self.on_handshake(event)
+        self.flush()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def flush(self) -> None:
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                self.transport.write(chunk)  # type: ignore[attr-defined]
+            else:
+                self.transport.close()
+
+    def send_text(self, text: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_text(text.encode())
+            self.flush()
+
+    def on_handshake(self, event: Request | Response) -> None:
+        raise NotImplementedError
+
+    def on_text(self, text: str) -> None:
+        raise NotImplementedError
+
+
+class BenchOpenAI(SansIOPeer):
+    """The fake OpenAI for the benchmark: one instance per session."""
 
     def __init__(self, stats: BenchStats, profile: str) -> None:
-        self.stats = stats
-        self.profile = profile
-        self.tasks: set[asyncio.Task[None]] = set()
+        super().__init__(ServerProtocol(max_size=None))
+        self.stats, self.profile = stats, profile
+        self.call = -1
+        self.configured = self.accepted = 0.0
+        self.talker: asyncio.Task[None] | None = None
 
-    async def check(self, connection: ServerConnection, request: Request) -> None:
-        await asyncio.sleep(BENCH_HANDSHAKE_DELAY)
+    def on_handshake(self, event: Request | Response) -> None:
+        """Accept after BENCH_HANDSHAKE_DELAY, like the real API."""
+        assert isinstance(event, Request)
+        asyncio.get_running_loop().call_later(BENCH_HANDSHAKE_DELAY, self.accept, event)
 
-    async def handle(self, ws: ServerConnection) -> None:
-        accepted = time.perf_counter()
-        stats, call = self.stats, -1
-        now = time.perf_counter
-        with contextlib.suppress(ConnectionClosed):
-            async for message in ws:
-                if '"input_audio_buffer.append"' not in message[:40]:
-                    if '"session.update"' in message[:30] and call == -1:
-                        configured = now()
-                    continue
-                audio_b64 = json.loads(message)["audio"]
-                arrived = now()
-                for call, seq in frame_ids(audio_b64, FRAME):
-                    if call not in stats.configured:
-                        stats.configured[call], stats.handshake_done[call] = configured, accepted
-                        stats.first_audio[call] = arrived
-                        if self.profile == "realistic":
-                            self.spawn(self.talk(ws, call))
-                    if seq == TRAILER:
-                        continue
-                    stats.seen_up[call].append(seq)
-                    sent = stats.up_sent.get((call, seq))
-                    if sent is not None and sent - stats.call_started[call] > BENCH_WARM_UP:
-                        stats.uplink.append(arrived - sent)
-                    if self.profile == "steady":
-                        stats.down_sent[(call, seq)] = now()
-                        stats.sent_down[call] += 1
-                if self.profile == "steady":  # echo the append as it came, joined frames and all
-                    await ws.send('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
-                                  f'{call}","output_index":0,"content_index":0,"delta":"{audio_b64}"}}')
+    def accept(self, request: Request) -> None:
+        self.ws.send_response(self.ws.accept(request))  # type: ignore[union-attr]
+        self.accepted = time.perf_counter()
+        self.flush()
 
-    def spawn(self, coroutine: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coroutine)
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+    def on_text(self, message: str) -> None:
+        stats = self.stats
+        if '"input_audio_buffer.append"' not in message[:40]:
+            if '"session.update"' in message[:30] and self.call == -1:
+                self.configured = time.perf_counter()
+            return
+        audio_b64 = json.loads(message)["audio"]
+        arrived = time.perf_counter()
+        for call, seq in frame_ids(audio_b64, FRAME):
+            if call not in stats.configured:
+                self.call = call
+                stats.configured[call], stats.handshake_done[call] = self.configured, self.accepted
+                stats.first_audio[call] = arrived
+                if self.profile == "realistic":
+                    self.talker = asyncio.ensure_future(self.talk(call))
+            if seq == TRAILER:
+                continue
+            stats.seen_up[call].append(seq)
+            sent = stats.up_sent.get((call, seq))
+            if sent is not None and sent - stats.call_started[call] > BENCH_WARM_UP:
+                stats.uplink.append(arrived - sent)
+            if self.profile == "steady":
+                stats.down_sent[(call, seq)] = time.perf_counter()
+                stats.sent_down[call] += 1
+        if self.profile == "steady":  # echo the append as it came, joined frames and all
+            self.send_text('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
+                           f'{self.call}","output_index":0,"content_index":0,"delta":"{audio_b64}"}}')
 
-    async def talk(self, ws: ServerConnection, call: int) -> None:
+    async def talk(self, call: int) -> None:
         """The agent: 2 s of speech every 5 s, in 100-200 ms deltas sent as fast as 20 ms apart."""
         stats, seq, turn = self.stats, 0, 0
         rng = random.Random(call)
         await asyncio.sleep(rng.uniform(0, 5))
-        with contextlib.suppress(ConnectionClosed):
-            while True:
-                turn += 1
-                spoken = 0
-                while spoken < 2000 and not stats.window_over:
-                    ms = rng.randrange(100, 201, 20)
-                    stats.down_sent[(call, seq)] = time.perf_counter()
-                    stats.sent_down[call] += 1
-                    await ws.send('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
-                                  f'{call}-{turn}","output_index":0,"content_index":0,'
-                                  f'"delta":"{frame_payload(call, seq, ms * 8)}"}}')
-                    seq += 1
-                    spoken += ms
-                    await asyncio.sleep(0.02)
-                await asyncio.sleep(5 - 2000 / 1000 - 0.02 * 13)
+        while self.ws.state is State.OPEN:
+            turn += 1
+            spoken = 0
+            while spoken < 2000 and not stats.window_over:
+                ms = rng.randrange(100, 201, 20)
+                stats.down_sent[(call, seq)] = time.perf_counter()
+                stats.sent_down[call] += 1
+                self.send_text('{"type":"response.output_audio.delta","response_id":"r","item_id":"i'
+                               f'{call}-{turn}","output_index":0,"content_index":0,'
+                               f'"delta":"{frame_payload(call, seq, ms * 8)}"}}')
+                seq += 1
+                spoken += ms
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(5 - 2000 / 1000 - 0.02 * 13)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.talker is not None:
+            self.talker.cancel()
+        super().connection_lost(exc)
 
 
-class BenchCall:
+class BenchCall(SansIOPeer):
     """One simulated Twilio call."""
 
     def __init__(self, number: int, url: str, stats: BenchStats, profile: str) -> None:
+        super().__init__(ClientProtocol(parse_uri(url), max_size=None))
         self.number, self.url, self.stats, self.profile = number, url, stats, profile
         self.sid = f"MZ{number:032d}"
         self.seq = 0
         self.play_until = 0.0
+        self.opened = asyncio.get_running_loop().create_future()
 
     async def open(self) -> None:
         self.stats.opened[self.number] = time.perf_counter()
-        self.ws = await connect(self.url, compression=None, max_size=None)
-        await self.ws.send(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
-        await self.ws.send(json.dumps({"event": "start", "streamSid": self.sid, "start": {
+        uri = parse_uri(self.url)
+        await asyncio.get_running_loop().create_connection(lambda: self, uri.host, uri.port)
+        self.ws.send_request(self.ws.connect())  # type: ignore[union-attr]
+        self.flush()
+        await self.opened
+        self.send_text(json.dumps({"event": "connected", "protocol": "Call", "version": "1.0.0"}))
+        self.send_text(json.dumps({"event": "start", "streamSid": self.sid, "start": {
             "streamSid": self.sid, "callSid": f"CA{self.number:032d}", "customParameters": {}}}))
         self.stats.call_started[self.number] = time.perf_counter()
-        self.reader = asyncio.create_task(self.read())
-        await self.send_frame()  # Twilio streams from the moment the call starts
+        self.send_frame()  # Twilio streams from the moment the call starts
 
-    async def send_frame(self, trailer: bool = False) -> None:
+    def on_handshake(self, event: Request | Response) -> None:
+        assert isinstance(event, Response) and event.status_code == 101, event
+        self.opened.set_result(None)
+
+    def send_frame(self, trailer: bool = False) -> None:
         seq = TRAILER if trailer else self.seq
         payload = frame_payload(self.number, seq, FRAME)
         sent = time.perf_counter()
         self.stats.up_sent[(self.number, seq)] = sent
         self.seq += not trailer
         timestamp = int((sent - self.stats.call_started[self.number]) * 1000)
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(f'{{"event":"media","streamSid":"{self.sid}","media":{{"track":"inbound",'
-                               f'"chunk":"{self.seq}","timestamp":"{timestamp}","payload":"{payload}"}}}}')
+        self.send_text(f'{{"event":"media","streamSid":"{self.sid}","media":{{"track":"inbound",'
+                       f'"chunk":"{self.seq}","timestamp":"{timestamp}","payload":"{payload}"}}}}')
 
-    async def read(self) -> None:
-        stats, call, now = self.stats, self.number, time.perf_counter
-        loop = asyncio.get_running_loop()
-        with contextlib.suppress(ConnectionClosed):
-            async for message in self.ws:
-                if '"event":"mark"' in message[:30] or '"event": "mark"' in message[:30]:
-                    name = json.loads(message)["mark"]["name"]
-                    echo = ('{"event":"mark","streamSid":"' + self.sid + '","mark":{"name":"' + name + '"}}')
-                    if self.profile == "steady":
-                        await self.ws.send(echo)
-                    else:
-                        delay = max(0.0, self.play_until - now())
-                        loop.call_later(delay, lambda echo=echo: asyncio.ensure_future(self.send_quietly(echo)))
-                    continue
-                event = json.loads(message)
-                if event["event"] != "media":
-                    continue
-                arrived = now()
-                payload = event["media"]["payload"]
-                if self.profile == "realistic":
-                    self.play_until = max(arrived, self.play_until) + len(payload) * 3 / 4 / 8000
-                start = stats.call_started[call]
-                # An echoed delta carries the caller's frames, possibly joined; an agent delta one id.
-                ids = frame_ids(payload, FRAME) if self.profile == "steady" else frame_ids(payload[:12], 12)
-                for _, seq in ids:
-                    if seq == TRAILER:
-                        continue
-                    stats.seen_down[call].append(seq)
-                    sent_down = stats.down_sent.get((call, seq))
-                    sent_up = stats.up_sent.get((call, seq)) if self.profile == "steady" else None
-                    if sent_down is not None and sent_down - start > BENCH_WARM_UP:
-                        stats.downlink.append(arrived - sent_down)
-                    if sent_up is not None and sent_up - start > BENCH_WARM_UP:
-                        stats.round_trip.append(arrived - sent_up)
-
-    async def send_quietly(self, message: str) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(message)
+    def on_text(self, message: str) -> None:
+        stats, call, now = self.stats, self.number, time.perf_counter()
+        event = json.loads(message)
+        if event["event"] == "mark":
+            echo = '{"event":"mark","streamSid":"' + self.sid + '","mark":{"name":"' + event["mark"]["name"] + '"}}'
+            if self.profile == "steady":
+                self.send_text(echo)
+            else:  # echoed when playback reaches it
+                asyncio.get_running_loop().call_later(max(0.0, self.play_until - now), self.send_text, echo)
+            return
+        if event["event"] != "media":
+            return
+        payload = event["media"]["payload"]
+        if self.profile == "realistic":
+            self.play_until = max(now, self.play_until) + len(payload) * 3 / 4 / 8000
+        start = stats.call_started[call]
+        # An echoed delta carries the caller's frames, possibly joined; an agent delta one id.
+        ids = frame_ids(payload, FRAME) if self.profile == "steady" else frame_ids(payload[:12], 12)
+        for _, seq in ids:
+            if seq == TRAILER:
+                continue
+            stats.seen_down[call].append(seq)
+            sent_down = stats.down_sent.get((call, seq))
+            sent_up = stats.up_sent.get((call, seq)) if self.profile == "steady" else None
+            if sent_down is not None and sent_down - start > BENCH_WARM_UP:
+                stats.downlink.append(now - sent_down)
+            if sent_up is not None and sent_up - start > BENCH_WARM_UP:
+                stats.round_trip.append(now - sent_up)
 
     async def close(self) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await self.ws.send(json.dumps({"event": "stop", "streamSid": self.sid}))
-        await self.ws.close()
-        await asyncio.gather(self.reader, return_exceptions=True)
+        self.send_text(json.dumps({"event": "stop", "streamSid": self.sid}))
+        if self.ws.state is State.OPEN:
+            self.ws.send_close()
+            self.flush()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3):
+                await self.closed
 
 
 def cpu_seconds(pid: int) -> float:
@@ -1683,9 +1728,8 @@ def lost_and_reordered(seen: dict[int, list[int]], expected: dict[int, int]) -> 
 
 async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[str, str]) -> dict[str, Any]:
     stats = BenchStats()
-    fake = BenchOpenAI(stats, profile)
-    async with serve(fake.handle, "127.0.0.1", 0, process_request=fake.check, compression=None,
-                     max_size=None) as server:
+    server = await asyncio.get_running_loop().create_server(lambda: BenchOpenAI(stats, profile), "127.0.0.1", 0)
+    async with server:
         fake_port = server.sockets[0].getsockname()[1]
         env = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": f"http://127.0.0.1:{fake_port}/v1",
                "LOG_LEVEL": "INFO", "GREETING": "", "MAX_CALLS": "100000", **extra_env}
@@ -1702,6 +1746,7 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         for first in range(0, calls, 10):  # calls arrive at 50 a second, not all at once
             await asyncio.gather(*(call.open() for call in bench_calls[first:first + 10]))
             await asyncio.sleep(0.2)
+        assert len(stats.call_started) == calls
         # Twilio paces each call at 20 ms, and calls are not in step: one ticker sends a
         # tenth of the calls every 2 ms, so each call still sends every 20 ms.
         groups = [bench_calls[i::10] for i in range(10)]
@@ -1712,7 +1757,7 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         late_ticks = 0
         while time.perf_counter() - started < seconds:
             for call in groups[tick % 10]:
-                await call.send_frame()
+                call.send_frame()
             tick += 1
             delay = started + tick * 0.002 - time.perf_counter()
             if delay < -0.02:
@@ -1726,7 +1771,7 @@ async def bench_level(calls: int, seconds: float, profile: str, extra_env: dict[
         own_cpu = (own1.user + own1.system - own0.user - own0.system) / wall
         stats.window_over = True
         for call in bench_calls:  # Twilio's stream goes on: this frame flushes any frame held to be joined
-            await call.send_frame(trailer=True)
+            call.send_frame(trailer=True)
         await asyncio.sleep(1.0)  # let frames in flight arrive
         await asyncio.gather(*(call.close() for call in bench_calls))
         process.send_signal(signal.SIGTERM)
