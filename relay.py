@@ -296,24 +296,25 @@ class WarmSessions:
         self.taken = asyncio.Event()
 
     def take(self) -> ClientConnection | None:
-        """A configured session that is still open and young enough, if there is one."""
+        """A configured session that is still open, if there is one (keep_ready retires old ones)."""
         while self.ready:
-            opened, session = self.ready.popleft()
+            _, session = self.ready.popleft()
             self.taken.set()
-            if session.state is State.OPEN and time.monotonic() - opened < WARM_SESSION_MAX_AGE:
+            if session.state is State.OPEN:
                 return session
         return None
 
     async def keep_ready(self) -> None:
         """Dial until WARM_SESSIONS are ready; replace old and taken ones; runs until cancelled."""
+        loop = asyncio.get_running_loop()
         while True:
-            while self.ready and time.monotonic() - self.ready[0][0] >= WARM_SESSION_MAX_AGE:
+            while self.ready and loop.time() - self.ready[0][0] >= WARM_SESSION_MAX_AGE:
                 await self.ready.popleft()[1].close()
             missing = self.config.warm_sessions - len(self.ready)
             opened = await asyncio.gather(*(self.open_one() for _ in range(missing)), return_exceptions=True)
             for result in opened:
                 if isinstance(result, ClientConnection):
-                    self.ready.append((time.monotonic(), result))
+                    self.ready.append((loop.time(), result))
                 else:
                     logger.warning("could not open a warm OpenAI session: %s", result)
             if len(self.ready) < self.config.warm_sessions:
@@ -321,8 +322,8 @@ class WarmSessions:
                 continue
             self.taken.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(WARM_SESSION_MAX_AGE / 4):
-                    await self.taken.wait()
+                async with asyncio.timeout_at(self.ready[0][0] + WARM_SESSION_MAX_AGE):
+                    await self.taken.wait()  # until a call takes one, or the oldest grows too old
 
     async def open_one(self) -> ClientConnection:
         session = await connect_openai(self.config)

@@ -1384,6 +1384,18 @@ def test_warm_sessions_let_a_call_skip_the_handshake() -> None:
     run(scenario)
 
 
+def test_warm_sessions_are_replaced_before_they_grow_old(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "WARM_SESSION_MAX_AGE", 0.3)  # 4 minutes in real life
+
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, WARM_SESSIONS="1"):
+            await eventually(lambda: len(fake.sessions) >= 3)
+            await eventually(lambda: all(s.ws.state is State.CLOSED for s in fake.sessions[:2]))
+            assert sum(s.ws.state is State.OPEN for s in fake.sessions) <= 1
+
+    run(scenario)
+
+
 # The load benchmark, at a small scale ----------------------------------------------------------
 
 
@@ -1834,10 +1846,11 @@ def bench(argv: list[str]) -> None:
     parser.add_argument("--profile", choices=("steady", "realistic"), default="steady")
     parser.add_argument("--env", action="append", default=[], help="extra NAME=VALUE for the relay")
     args = parser.parse_args(argv)
-    os.sched_setaffinity(0, {1})
+    if (os.cpu_count() or 1) > 1:
+        os.sched_setaffinity(0, {1})  # the relay gets CPU 0 to itself
     relay.keep_read_buffers_off_mmap()  # the load generator reads sockets the same way
     extra_env = dict(item.split("=", 1) for item in args.env)
-    print(f"relay.py on CPU 0, load generator on CPU 1; {os.cpu_count()} CPUs; {args.profile} profile; "
+    print(f"relay.py on CPU 0, load generator on CPU 1 (if there is one); {os.cpu_count()} CPUs; {args.profile} profile; "
           f"{args.seconds:g} s per level; OpenAI handshake {BENCH_HANDSHAKE_DELAY * 1000:.0f} ms", flush=True)
     for calls in (int(n) for n in args.calls.split(",")):
         print_level(asyncio.run(bench_level(calls, args.seconds, args.profile, extra_env)), args.profile)
