@@ -951,9 +951,10 @@ class Relay:
         if not signature:
             return False
         key = self.config.twilio_auth_token.encode()
+        given = signature.encode("utf-8", "replace")  # headers may hold any bytes
         for url in url_forms(self.public_origin(request, websocket) + request.path):
-            digest = hmac.new(key, url.encode(), hashlib.sha1).digest()
-            if hmac.compare_digest(base64.b64encode(digest).decode(), signature):
+            digest = hmac.new(key, url.encode("utf-8", "replace"), hashlib.sha1).digest()
+            if hmac.compare_digest(base64.b64encode(digest), given):
                 return True
         return False
 

@@ -1124,13 +1124,14 @@ def test_signed_handshakes_are_accepted_and_others_refused_for_free(caplog: pyte
             for bad in ({}, {"X-Twilio-Signature": "AAAA"},
                         {"X-Twilio-Signature": twilio_signature("wss://relay.example.com/other")},
                         {"X-Twilio-Signature": twilio_signature("wss://relay.example.com/media-stream", "wrong")},
+                        {"X-Twilio-Signature": "sïgnature"},
                         {"X-Twilio-Signature": signed, "X-Forwarded-For": "203.0.113.9, 10.0.0.1"}):
                 path = "/other" if bad.get("X-Forwarded-For") else "/media-stream"
                 status, _ = await raw_request(port, path, bad)
                 assert status == 403, bad
             await eventually(lambda: len(fake.sessions) == 2)
             assert len(fake.sessions) == 2  # refusals never dialled OpenAI
-            assert (await metrics(the_relay))['relay_calls_refused_total{reason="signature"}'] == 5
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="signature"}'] == 6
             await twilio.close()
 
     with caplog.at_level(logging.INFO, logger="relay"):
@@ -1152,6 +1153,8 @@ def test_signatures_behind_a_tls_proxy_are_checked_against_the_wss_url() -> None
             assert (await raw_request(port, path, {**proxied, "X-Twilio-Signature": plain}))[0] == 403
             direct = {"Host": "relay.example.com", "X-Twilio-Signature": plain}  # no proxy: plain ws
             assert (await raw_request(port, path, direct))[0] == 101
+            odd_host = {"Host": "rélay.example.com", "X-Forwarded-Proto": "https", "X-Twilio-Signature": good}
+            assert (await raw_request(port, path, odd_host))[0] == 403  # refused, not a server error
             await eventually(lambda: len(fake.sessions) == 2)
 
     run(scenario)
