@@ -856,7 +856,7 @@ class Histogram:
         self.count += 1
 
     def lines(self, name: str) -> list[str]:
-        buckets = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.bounds, self.counts)]
+        buckets = [f'{name}_bucket{{le="{bound:g}"}} {n}' for bound, n in zip(self.bounds, self.counts, strict=True)]
         return [*buckets, f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum:.6f}",
                 f"{name}_count {self.count}"]
 

@@ -15,17 +15,21 @@ Run with ``python -m pytest -q``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import collections
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
+import random
 import re
 import signal
+import struct
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
@@ -37,9 +41,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.client import ClientProtocol
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 import relay
 
@@ -566,7 +574,7 @@ def test_audio_both_ways_byte_exact_and_in_order_across_concurrent_calls() -> No
             twilios = [await FakeTwilio(url, n).open() for n in frames]
             await asyncio.gather(*(t.send_media(frames[t.number]) for t in twilios))
             for twilio in twilios:
-                await eventually(lambda: pcm(twilio.media) == pcm(frames[twilio.number]))
+                await eventually(lambda twilio=twilio: pcm(twilio.media) == pcm(frames[twilio.number]))
             by_call = {session.caller_audio().split(b"f", 1)[0]: session.caller_audio() for session in fake.sessions}
             for twilio in twilios:
                 assert by_call[f"c{twilio.number}".encode()] == pcm(frames[twilio.number])
@@ -1468,14 +1476,6 @@ def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
 # mark at once. "realistic": the caller talks all the time, the agent talks 2 s in every 5, in
 # deltas of 100-200 ms sent faster than real time, and Twilio echoes marks as playback reaches them.
 
-import argparse  # noqa: E402
-import random  # noqa: E402
-import struct  # noqa: E402
-
-from websockets.client import ClientProtocol  # noqa: E402
-from websockets.frames import Frame, Opcode  # noqa: E402
-from websockets.server import ServerProtocol  # noqa: E402
-from websockets.uri import parse_uri  # noqa: E402
 
 BENCH_HANDSHAKE_DELAY = 0.3  # seconds the fake OpenAI takes to accept, like the real one
 BENCH_WARM_UP = 1.0  # each call's first second (OpenAI still connecting) is left out of latency
@@ -1737,7 +1737,7 @@ def lost_and_reordered(seen: dict[int, list[int]], expected: dict[int, int]) -> 
     for call, count in expected.items():
         got = seen.get(call, [])
         lost += count - len(set(got))
-        reordered += sum(1 for a, b in zip(got, got[1:]) if b < a)
+        reordered += sum(1 for a, b in itertools.pairwise(got) if b < a)
     return lost, reordered
 
 
