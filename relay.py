@@ -7,13 +7,15 @@ passes through untouched.
 
 Read top to bottom:
 
-1. Configuration: every setting, read from the environment once, at start-up.
-   Change the voice or the agent's instructions here (or in ``.env``).
-2. What the relay tells OpenAI: the session and its messages.
-3. ``Call``: one phone call, with its two pumps (Twilio -> OpenAI and
-   OpenAI -> Twilio).
-4. ``Relay``: the HTTP routes and the bookkeeping shared by all calls.
-5. ``main()``: start-up, serving, and a graceful shutdown.
+1. The agent: its persona, its greeting and its tools. This is the part to make
+   your own: change the instructions, or add a tool by writing one decorated
+   ``async`` function.
+2. Configuration: every setting, read from the environment once, at start-up.
+3. What the relay tells OpenAI: the session and its messages.
+4. ``Call``: one phone call, with its two pumps (Twilio -> OpenAI and
+   OpenAI -> Twilio) and the tools it runs.
+5. ``Relay``: the HTTP routes and the bookkeeping shared by all calls.
+6. ``main()``: start-up, serving, and a graceful shutdown.
 
 Run it with ``python relay.py``.
 """
@@ -30,15 +32,17 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
 import urllib.parse
 import xml.sax.saxutils
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 from dotenv import load_dotenv
@@ -52,9 +56,7 @@ from websockets.protocol import State
 logger = logging.getLogger("relay")
 
 
-# 1. Configuration ------------------------------------------------------------
-
-VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+# 1. The agent: persona, greeting and tools -------------------------------------
 
 DEFAULT_INSTRUCTIONS = (
     "You are Tessa, a warm and friendly phone assistant. "
@@ -64,6 +66,70 @@ DEFAULT_INSTRUCTIONS = (
     "say a short goodbye and then call the end_call tool to hang up."
 )
 DEFAULT_GREETING = "Hi, this is Tessa. How can I help you today?"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """A Python function the model may call. Its name and docstring are what the model sees."""
+
+    function: Callable[..., Awaitable[Any]]
+    parameters: dict[str, Any]  # a JSON schema of the keyword arguments
+    timeout: float
+    offered_if: Callable[[Config], bool]
+
+    @property
+    def name(self) -> str:
+        return self.function.__name__
+
+    def schema(self) -> dict[str, Any]:
+        description = " ".join((inspect.getdoc(self.function) or "").split())
+        return {"type": "function", "name": self.name, "description": description, "parameters": self.parameters}
+
+
+TOOLS: dict[str, Tool] = {}
+
+
+def tool(
+    parameters: dict[str, Any] | None = None,
+    *,
+    timeout: float = 10.0,
+    offered_if: Callable[[Config], bool] = lambda config: True,
+) -> Callable[[Callable[..., Awaitable[Any]]], Callable[..., Awaitable[Any]]]:
+    """Offer the decorated ``async def name(call, **arguments)`` to the model as a tool.
+
+    The relay runs it as its own task, so the call's audio never waits for it. It gets
+    the ``Call`` (``call.call_sid``, ``call.parameters``...) and the model's arguments,
+    and returns anything JSON can encode. If it raises or outlasts ``timeout`` seconds,
+    the model is told ``{"error": ...}`` and the call goes on.
+    """
+
+    def register(function: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        TOOLS[function.__name__] = Tool(
+            function, parameters or {"type": "object", "properties": {}}, timeout, offered_if
+        )
+        return function
+
+    return register
+
+
+# The agent's tools. Add yours here: one decorated async function each.
+
+
+@tool(
+    {"type": "object", "properties": {"reason": {"type": "string", "description": "Why the call is ending."}}},
+    offered_if=lambda config: config.end_call_tool,
+)
+async def end_call(call: Call, reason: str = "") -> dict[str, Any]:
+    """Hang up the phone call. Use it only after you have said goodbye, when the caller
+    wants to end the call or the conversation is finished."""
+    call.end_after_answer(f"the agent ended the call ({reason or 'no reason given'})")
+    return {"ok": True}
+
+
+# 2. Configuration ------------------------------------------------------------
+
+VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+
 TIME_LIMIT_GOODBYE = (
     "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
 )
@@ -81,6 +147,7 @@ MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes 
 COALESCE_WHEN_LATE = 0.02  # seconds behind Twilio's clock before caller frames are joined
 WARM_SESSION_MAX_AGE = 240.0  # seconds; a call must still fit in the session's 60 minutes
 MARK_EVERY_MS = 100  # agent audio between two marks: fewer messages, yet barge-in stays exact
+MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
 
 
 class ConfigError(Exception):
@@ -112,6 +179,10 @@ class Config:
     public_url: str = ""
     max_calls: int = 50
     warm_sessions: int = 0
+    mcp_server_url: str = ""
+    mcp_server_label: str = "tools"
+    mcp_authorization: str = ""
+    mcp_allowed_tools: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         """Keep the secrets out of any log line or traceback that shows the config."""
@@ -165,6 +236,23 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be on or off (true/false, 1/0), got {raw!r}")
 
 
+def _mcp_server_url(raw: str) -> str:
+    """An MCP server OpenAI can reach: a public https URL, or empty for none."""
+    parts = urllib.parse.urlsplit(raw)
+    if raw and (parts.scheme != "https" or not parts.netloc):
+        raise ConfigError(f"MCP_SERVER_URL must be an https:// URL, got {raw!r}")
+    return raw
+
+
+def _names(env: Mapping[str, str], name: str, pattern: str) -> tuple[str, ...]:
+    """A comma-separated list of names, each matching ``pattern``."""
+    names = tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
+    for item in names:
+        if not re.fullmatch(pattern, item):
+            raise ConfigError(f"{name} must be a comma-separated list of names, got {item!r}")
+    return names
+
+
 def load_config(env: Mapping[str, str]) -> Config:
     """Build the configuration from environment variables, or say what is wrong."""
     api_key = env.get("OPENAI_API_KEY", "").strip()
@@ -181,6 +269,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {log_level!r}")
     model = env.get("OPENAI_MODEL", "").strip() or "gpt-realtime-2.1"
     base_url = env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1"
+    mcp_label = env.get("MCP_SERVER_LABEL", "").strip() or "tools"
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mcp_label):
+        raise ConfigError(f"MCP_SERVER_LABEL must be letters, digits, _ or - (at most 64), got {mcp_label!r}")
     return Config(
         openai_api_key=api_key,
         openai_url=realtime_url(base_url, model),
@@ -204,28 +295,68 @@ def load_config(env: Mapping[str, str]) -> Config:
         public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
         max_calls=int(_number(env, "MAX_CALLS", 50, 1, 100000)),
         warm_sessions=int(_number(env, "WARM_SESSIONS", 0, 0, 100)),
+        mcp_server_url=_mcp_server_url(env.get("MCP_SERVER_URL", "").strip()),
+        mcp_server_label=mcp_label,
+        mcp_authorization=env.get("MCP_AUTHORIZATION", "").strip(),
+        mcp_allowed_tools=_names(env, "MCP_ALLOWED_TOOLS", r"[A-Za-z0-9_.-]{1,128}"),
     )
 
 
-# 2. What the relay tells OpenAI ----------------------------------------------
+# 3. What the relay tells OpenAI ----------------------------------------------
 
 
-END_CALL_TOOL = {
-    "type": "function",
-    "name": "end_call",
-    "description": (
-        "Hang up the phone call. Use it only after you have said goodbye, when the caller "
-        "wants to end the call or the conversation is finished."
-    ),
-    "parameters": {
-        "type": "object",
-        "properties": {"reason": {"type": "string", "description": "Why the call is ending."}},
-    },
-}
+@dataclasses.dataclass(frozen=True)
+class Persona:
+    """Who the agent is on one call: the environment's settings, or the call's own."""
+
+    instructions: str
+    voice: str
+    greeting: str
 
 
-def session_update(config: Config) -> dict[str, Any]:
-    """The GA ``session.update``: mu-law both ways, server-side turn detection."""
+PERSONA_PARAMETERS = ("instructions", "greeting", "voice")  # <Parameter> names that override settings
+
+
+def persona_for_call(config: Config, parameters: Mapping[str, str]) -> Persona:
+    """Apply a call's ``<Parameter>``s: three override settings, the rest become call details.
+
+    An unknown voice is ignored here; the caller of this function warns about it.
+    """
+    instructions = parameters.get("instructions") or config.instructions
+    details = [f"- {name}: {value}" for name, value in parameters.items() if name not in PERSONA_PARAMETERS]
+    if details:
+        instructions += "\n\nCall details:\n" + "\n".join(details)
+    voice = parameters.get("voice", "")
+    return Persona(
+        instructions=instructions,
+        voice=voice if voice in VOICES else config.voice,
+        greeting=parameters.get("greeting", config.greeting).strip(),
+    )
+
+
+def offered_tools(config: Config) -> list[dict[str, Any]]:
+    """The relay's own tools that this configuration offers, then the remote MCP server's."""
+    tools = [tool.schema() for tool in TOOLS.values() if tool.offered_if(config)]
+    if config.mcp_server_url:
+        mcp: dict[str, Any] = {
+            "type": "mcp",
+            "server_label": config.mcp_server_label,
+            "server_url": config.mcp_server_url,
+            "require_approval": "never",  # nobody on a phone line can approve a tool call
+        }
+        if config.mcp_authorization:
+            mcp["authorization"] = config.mcp_authorization
+        if config.mcp_allowed_tools:
+            mcp["allowed_tools"] = list(config.mcp_allowed_tools)
+        tools.append(mcp)
+    return tools
+
+
+def session_update(config: Config, persona: Persona, event_id: str) -> dict[str, Any]:
+    """The GA ``session.update``: mu-law both ways, server-side turn detection, the tools.
+
+    ``event_id`` lets an ``error`` caused by this update be told apart (see Call.on_openai_error).
+    """
     audio_input: dict[str, Any] = {
         "format": {"type": "audio/pcmu"},
         "turn_detection": {
@@ -244,16 +375,17 @@ def session_update(config: Config) -> dict[str, Any]:
     session: dict[str, Any] = {
         "type": "realtime",
         "output_modalities": ["audio"],
-        "instructions": config.instructions,
+        "instructions": persona.instructions,
         "audio": {
             "input": audio_input,
-            "output": {"format": {"type": "audio/pcmu"}, "voice": config.voice},
+            "output": {"format": {"type": "audio/pcmu"}, "voice": persona.voice},
         },
     }
-    if config.end_call_tool:
-        session["tools"] = [END_CALL_TOOL]
+    tools = offered_tools(config)
+    if tools:
+        session["tools"] = tools
         session["tool_choice"] = "auto"
-    return {"type": "session.update", "session": session}
+    return {"type": "session.update", "event_id": event_id, "session": session}
 
 
 def respond(instructions: str) -> dict[str, Any]:
@@ -327,7 +459,8 @@ class WarmSessions:
 
     async def open_one(self) -> ClientConnection:
         session = await connect_openai(self.config)
-        await session.send(json.dumps(session_update(self.config)))
+        default = persona_for_call(self.config, {})  # the call's own values follow at its "start"
+        await session.send(json.dumps(session_update(self.config, default, "session_update_0")))
         return session
 
     async def close(self) -> None:
@@ -336,7 +469,7 @@ class WarmSessions:
         await asyncio.gather(*(session.close() for session in sessions))
 
 
-# 3. One phone call -------------------------------------------------------------
+# 4. One phone call -------------------------------------------------------------
 
 
 def decoded_size(payload: str) -> int:
@@ -441,7 +574,11 @@ class CallLog(logging.LoggerAdapter):
 
 
 class Call:
-    """One phone call: the Twilio socket, the OpenAI socket, and the two pumps between them."""
+    """One phone call: the Twilio socket, the OpenAI socket, and the two pumps between them.
+
+    Tools get the call too: ``call_sid``, ``stream_sid``, ``started_at`` and ``parameters``
+    (the ``<Parameter>``s of the TwiML) say which call it is, and ``log`` names it.
+    """
 
     def __init__(self, relay: Relay, twilio: ServerConnection, number: int) -> None:
         self.relay = relay
@@ -452,17 +589,25 @@ class Call:
         self.stream_sid = ""
         self.sid_json = '""'  # the streamSid as a JSON string, for the hand-written messages
         self.call_sid = ""
+        self.started_at = datetime.datetime.now(datetime.timezone.utc)
+        self.parameters: dict[str, str] = {}  # the stream's <Parameter>s
         self.stream_started = asyncio.Event()
         # Caller audio that arrives while OpenAI is still connecting, sent once it is ready.
         self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
         self.openai_ready = False
         self.held_audio = b""  # a caller frame waiting to be joined with the next one
         self.least_lag = float("inf")  # see falling_behind()
-        self.session_configured = False
+        self.persona = persona_for_call(self.config, {})  # made the call's own at "start"
+        self.told_persona: Persona | None = None  # what the OpenAI session was last told
+        self.updates_sent = 0
+        self.updates_unanswered = 0  # session.update events OpenAI has not yet confirmed
         self.greeted = False
-        self.responding = False  # between response.created and response.done
+        self.responding = False  # from response.create (ours) or response.created, to response.done
+        self.unanswered = False  # the conversation gained something the model has yet to answer
+        self.tools_running: set[asyncio.Task[None]] = set()
         self.playback = Playback()
         self.hang_up_reason = ""  # set when the relay decides to end the call
+        self.hanging_up: asyncio.Task[None] | None = None
         self.warned: set[str] = set()
         self.close_code = 1000  # 1011 when OpenAI failed; either way Twilio goes on with the TwiML
         self.log = CallLog(logger, {"call": self})
@@ -471,6 +616,11 @@ class Call:
     @property
     def label(self) -> str:
         return f"call {self.number} {self.call_sid or '-'} {self.stream_sid or '-'}"
+
+    @property
+    def session_configured(self) -> bool:
+        """OpenAI has confirmed every session.update sent, so the agent is who this call needs."""
+        return self.told_persona is not None and not self.updates_unanswered
 
     async def run(self) -> None:
         """Run both pumps until either side ends, then close both sockets."""
@@ -486,9 +636,10 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
-            for task in (*pumps, timer):
+            tasks = [*pumps, timer, *self.tools_running, *filter(None, [self.hanging_up])]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*pumps, timer, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             if self.openai is not None:
                 await self.openai.close()
             await self.twilio.close(self.close_code)
@@ -566,9 +717,17 @@ class Call:
         self.sid_json = json.dumps(self.stream_sid)
         self.call_sid = str(start.get("callSid", ""))
         parameters = start.get("customParameters")
-        names = sorted(parameters) if isinstance(parameters, dict) else []
-        self.log.info("stream started (custom parameters: %s)", ", ".join(names) or "none")
+        if isinstance(parameters, dict):
+            self.parameters = {str(name): str(value) for name, value in parameters.items()}
+        # Names only: the values may be personal data.
+        self.log.info("stream started (custom parameters: %s)", ", ".join(sorted(self.parameters)) or "none")
+        voice = self.parameters.get("voice")
+        if voice is not None and voice not in VOICES:
+            self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
+        self.persona = persona_for_call(self.config, self.parameters)
         self.stream_started.set()
+        if self.told_persona is not None:  # the session was configured before "start" came
+            await self.configure_session()
         await self.greet()
 
     async def on_media(self, event: dict[str, Any]) -> None:
@@ -634,8 +793,8 @@ class Call:
             return
         self.log.info("the caller pressed a key")  # not which one: it may be a PIN
         await self.to_openai(user_text(f"The caller pressed {digit} on the keypad."))
-        if not self.responding:  # otherwise the model sees it when it next answers
-            await self.to_openai({"type": "response.create"})
+        self.unanswered = True
+        await self.answer_when_free()
 
     def bad_input(self, problem: str, detail: str) -> None:
         """Count bad input from Twilio, and warn once per kind of problem per call."""
@@ -651,6 +810,7 @@ class Call:
         warm = self.relay.warm.take()
         if warm is not None:
             self.openai = warm
+            self.told_persona, self.updates_unanswered = persona_for_call(self.config, {}), 1
             self.log.info("OpenAI connected: using a warm session")
         else:
             started = time.monotonic()
@@ -666,8 +826,7 @@ class Call:
             self.stats.openai_connect.observe(connect_seconds)
             self.log.info("OpenAI connected in %.0f ms", connect_seconds * 1000)
         try:
-            if warm is None:
-                await self.openai.send(json.dumps(session_update(self.config)))
+            await self.configure_session()
             await self.send_early_audio()
             async for message in self.openai:
                 await self.on_openai_message(message)
@@ -677,6 +836,21 @@ class Call:
         self.openai_failed(
             f"closed the session mid-call: code {self.openai.close_code} {self.openai.close_reason!r}"
         )
+
+    async def configure_session(self) -> None:
+        """Tell OpenAI who the agent is on this call, unless it knows already.
+
+        The relay dials OpenAI before Twilio's "start" brings the call's parameters. Most
+        often "start" wins that race and one session.update carries everything; otherwise
+        (a warm session, a slow "start") a second update follows, before any audio.
+        """
+        if self.told_persona == self.persona:
+            return
+        self.told_persona = self.persona
+        self.updates_sent += 1
+        self.updates_unanswered += 1
+        update = session_update(self.config, self.persona, f"session_update_{self.updates_sent}")
+        await self.openai.send(json.dumps(update))  # type: ignore[union-attr]
 
     async def send_early_audio(self) -> None:
         """Send the audio that arrived during the handshake, in order, then go live.
@@ -706,6 +880,7 @@ class Call:
             await self.on_caller_speech()
         elif kind == "response.created":
             self.responding = True
+            self.unanswered = False  # this response sees everything added so far
         elif kind == "response.output_item.done":
             await self.on_output_item(event.get("item"))
         elif kind in ("response.output_audio.done", "response.done"):
@@ -714,14 +889,15 @@ class Call:
                 await self.send_mark(tail)
             if kind == "response.done":
                 self.responding = False
-                if self.hang_up_reason:
-                    await self.hang_up()
+                await self.answer_when_free()
         elif kind == "error":
             await self.on_openai_error(event)
         elif kind == "session.updated":
-            self.session_configured = True
-            self.log.info("session configured: voice %s", self.config.voice)
+            self.updates_unanswered = max(0, self.updates_unanswered - 1)
+            self.log.info("session configured: voice %s", self.told_persona.voice)  # type: ignore[union-attr]
             await self.greet()
+        elif kind in MCP_EVENTS:
+            self.on_mcp_event(kind, event)
         elif self.config.log_transcripts:
             self.log_transcript(kind, event)
 
@@ -766,26 +942,123 @@ class Call:
 
     async def greet(self) -> None:
         """Have the agent speak first, once the session is configured and the stream has started."""
-        if self.greeted or not self.config.greeting or not (self.session_configured and self.stream_sid):
+        if self.greeted or not self.persona.greeting or not (self.session_configured and self.stream_sid):
             return
         self.greeted = True
-        await self.to_openai(respond(f"Greet the caller by saying exactly this: {self.config.greeting}"))
+        await self.ask_for_response(f"Greet the caller by saying exactly this: {self.persona.greeting}")
+
+    async def ask_for_response(self, instructions: str = "") -> None:
+        """Send response.create; callers check first that no response is active."""
+        self.responding = True
+        await self.to_openai(respond(instructions) if instructions else {"type": "response.create"})
+
+    async def answer_when_free(self) -> None:
+        """Once no tool runs and no response is active: hang up if asked to, or answer.
+
+        Tool results and keypad presses that arrived while the model was busy would
+        otherwise go unspoken; exactly one response.create covers all of them.
+        """
+        if self.tools_running or self.responding:
+            return
+        if self.hang_up_reason:
+            self.start_hang_up()
+        elif self.unanswered:
+            await self.ask_for_response()
+
+    def end_after_answer(self, reason: str) -> None:
+        """Hang up once the current answer has been played (for tools such as end_call)."""
+        self.hang_up_reason = reason
 
     async def on_output_item(self, item: Any) -> None:
-        """The model called ``end_call``: confirm it, and hang up once this answer is over."""
-        if not isinstance(item, dict) or item.get("type") != "function_call" or item.get("name") != "end_call":
+        """The model finished an output item: run function calls; MCP items are only logged."""
+        if not isinstance(item, dict):
             return
+        kind = item.get("type")
+        if kind == "function_call":
+            task = asyncio.create_task(self.run_tool(item))
+            self.tools_running.add(task)
+        elif kind == "mcp_call":
+            if item.get("error"):
+                self.log.warning("MCP tool %s on %s failed: %s", item.get("name"), item.get("server_label"),
+                                 str(item.get("error"))[:200])
+            else:
+                self.log.info("MCP tool %s on %s: ok", item.get("name"), item.get("server_label"))
+        elif kind == "mcp_approval_request":
+            await self.deny_approval(item)
+
+    async def run_tool(self, item: dict[str, Any]) -> None:
+        """Run one function call, give the model its output, then let it speak the results."""
+        name = str(item.get("name"))
+        started = time.monotonic()
         try:
-            reason = str(json.loads(item.get("arguments") or "{}").get("reason") or "no reason given")
-        except (ValueError, AttributeError):
-            reason = "no reason given"
+            outcome, output = await self.call_tool(name, item.get("arguments"))
+            seconds = time.monotonic() - started
+            self.stats.tool_calls[name if name in TOOLS else "unknown", outcome] += 1
+            self.stats.tool_seconds.observe(seconds)
+            self.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
+            await self.to_openai(
+                {
+                    "type": "conversation.item.create",
+                    "item": {"type": "function_call_output", "call_id": item.get("call_id"), "output": output},
+                }
+            )
+            self.unanswered = True
+        except ConnectionClosed:
+            return  # OpenAI is gone; the pumps end the call
+        finally:
+            self.tools_running.discard(asyncio.current_task())  # type: ignore[arg-type]
+        await self.answer_when_free()
+
+    async def call_tool(self, name: str, arguments: Any) -> tuple[str, str]:
+        """Call a tool with the model's arguments; return the outcome and the JSON output.
+
+        Nothing the model or the tool does raises here: every failure becomes an
+        ``{"error": ...}`` output the model can read and talk about.
+        """
+        tool = TOOLS.get(name)
+        if tool is None or not tool.offered_if(self.config):
+            self.log.warning("the model called an unknown tool %r", name[:64])
+            return "unknown_tool", json.dumps({"error": f"There is no tool named {name!r}."})
+        try:
+            parsed = json.loads(arguments or "{}")
+            if not isinstance(parsed, dict):
+                raise ValueError("the arguments must be a JSON object")
+            bound = inspect.signature(tool.function).bind(self, **parsed)
+        except (ValueError, TypeError) as error:
+            self.log.warning("tool %s: bad arguments from the model: %s", name, error)
+            return "bad_arguments", json.dumps({"error": f"Bad arguments: {error}"})
+        self.log.debug("tool %s arguments: %s", name, parsed)  # DEBUG only: they may be personal data
+        try:
+            async with asyncio.timeout(tool.timeout):
+                result = await tool.function(*bound.args, **bound.kwargs)
+            return "ok", json.dumps(result)
+        except TimeoutError:
+            self.log.warning("tool %s did not finish within %g s", name, tool.timeout, exc_info=True)
+            return "timeout", json.dumps({"error": f"The tool did not finish within {tool.timeout:g} seconds."})
+        except Exception as error:  # a tool's bug must not end the call
+            self.log.warning("tool %s failed", name, exc_info=True)
+            return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
+
+    async def deny_approval(self, item: dict[str, Any]) -> None:
+        """require_approval is "never", so this should not come; deny it so the answer goes on."""
+        self.log.warning("MCP server %s asked to approve %s: denied (nobody on a phone line can approve)",
+                         item.get("server_label"), item.get("name"))
         await self.to_openai(
             {
                 "type": "conversation.item.create",
-                "item": {"type": "function_call_output", "call_id": item.get("call_id"), "output": '{"ok": true}'},
+                "item": {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False},
             }
         )
-        self.hang_up_reason = f"the agent ended the call ({reason})"
+
+    def on_mcp_event(self, kind: str, event: dict[str, Any]) -> None:
+        """Say what the remote MCP server did; its tools are called by OpenAI, not by the relay."""
+        if kind == "mcp_list_tools.failed":
+            self.relay.count_error("mcp_list_tools")
+            self.log.error("OpenAI could not list the tools of MCP server %s at %s: the call goes on without them",
+                           self.config.mcp_server_label, self.config.mcp_server_url)
+        elif kind == "response.mcp_call.failed":
+            self.log.warning("an MCP tool call on %s failed (item %s)", self.config.mcp_server_label,
+                             event.get("item_id"))
 
     async def watch_the_clock(self) -> None:
         """Drop sockets that never start a stream; end calls before OpenAI's 60-minute limit."""
@@ -799,10 +1072,17 @@ class Call:
             return
         await asyncio.sleep(self.config.max_call_seconds)
         self.hang_up_reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
-        self.log.info("time limit reached: asking the agent to say goodbye")
-        await self.to_openai(respond(TIME_LIMIT_GOODBYE))
+        if self.responding:
+            self.log.info("time limit reached: hanging up when the current answer ends")
+        else:
+            self.log.info("time limit reached: asking the agent to say goodbye")
+            await self.ask_for_response(TIME_LIMIT_GOODBYE)
         await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
-        await self.hang_up()
+        self.start_hang_up()
+
+    def start_hang_up(self) -> None:
+        if self.hanging_up is None:
+            self.hanging_up = asyncio.create_task(self.hang_up())
 
     async def hang_up(self) -> None:
         """Let the goodbye finish playing, then close Twilio's socket.
@@ -825,9 +1105,13 @@ class Call:
             "OpenAI error: type=%s code=%s message=%s param=%s",
             error.get("type"), error.get("code"), error.get("message"), error.get("param"),
         )
+        if str(error.get("event_id", "")).startswith("session_update_"):
+            # A refused update is still an answer: the session keeps its old settings.
+            self.updates_unanswered = max(0, self.updates_unanswered - 1)
+            await self.greet()
         if error.get("code") == "session_expired":
             self.hang_up_reason = "the OpenAI session expired"
-            await self.hang_up()
+            self.start_hang_up()
 
     def log_transcript(self, kind: str, event: dict[str, Any]) -> None:
         if kind == "conversation.item.input_audio_transcription.completed":
@@ -836,7 +1120,7 @@ class Call:
             self.log.info("agent: %s", event.get("transcript", ""))
 
 
-# 4. The relay: HTTP routes and shared bookkeeping --------------------------------
+# 5. The relay: HTTP routes and shared bookkeeping --------------------------------
 
 
 class Histogram:
@@ -880,6 +1164,10 @@ class Stats:
     )
     openai_connect: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+    )
+    tool_calls: collections.Counter[tuple[str, str]] = dataclasses.field(default_factory=collections.Counter)
+    tool_seconds: Histogram = dataclasses.field(
+        default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     )
 
 
@@ -959,11 +1247,17 @@ class Relay:
         return False
 
     def twiml(self, request: Request) -> str:
-        """TwiML that connects a call to this relay, for the phone number's webhook (HTTP GET)."""
+        """TwiML that connects a call to this relay, for the phone number's webhook (HTTP GET).
+
+        Twilio's webhook query says who is calling whom; passing From and To on as
+        ``<Parameter>``s lets the agent and the tools know it too.
+        """
         stream_url = self.public_origin(request, websocket=True) + "/media-stream"
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
+        parameters = {name: query[field][0] for name, field in (("from", "From"), ("to", "To")) if field in query}
         return (
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n'
-            f"  <Connect><Stream url={xml.sax.saxutils.quoteattr(stream_url)} /></Connect>\n"
+            f"  {connect_stream(stream_url, parameters)}\n"
             f"  <Say>{xml.sax.saxutils.escape(FALLBACK_MESSAGE)}</Say>\n"
             "  <Hangup/>\n</Response>\n"
         )
@@ -1009,6 +1303,11 @@ class Relay:
                [f"relay_barge_ins_total {stats.barge_ins}"])
         metric("relay_frames_dropped_total", "counter", "Audio messages dropped, by reason.",
                labelled("relay_frames_dropped_total", "reason", stats.dropped))
+        metric("relay_tool_calls_total", "counter", "Tool calls run by the relay, by tool and outcome.",
+               [f'relay_tool_calls_total{{tool="{tool}",outcome="{outcome}"}} {count}'
+                for (tool, outcome), count in sorted(stats.tool_calls.items())])
+        metric("relay_tool_call_seconds", "histogram", "Time tools took, timeouts included.",
+               stats.tool_seconds.lines("relay_tool_call_seconds"))
         return "\n".join(lines) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
@@ -1046,6 +1345,15 @@ def url_forms(url: str) -> set[str]:
         forms.add(urllib.parse.urlunsplit(parts._replace(netloc=host)))
         forms.add(urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{default}")))
     return forms
+
+
+def connect_stream(url: str, parameters: Mapping[str, str]) -> str:
+    """TwiML's ``<Connect><Stream>`` to ``url``, with the call's ``<Parameter>``s."""
+    quote = xml.sax.saxutils.quoteattr
+    inner = "".join(f"<Parameter name={quote(name)} value={quote(value)} />" for name, value in parameters.items())
+    if not inner:
+        return f"<Connect><Stream url={quote(url)} /></Connect>"
+    return f"<Connect><Stream url={quote(url)}>{inner}</Stream></Connect>"
 
 
 def text_response(body: str, content_type: str) -> Response:
@@ -1099,7 +1407,7 @@ async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Serve
                 await relay.warm.close()
 
 
-# 5. Start-up and shutdown ----------------------------------------------------------
+# 6. Start-up and shutdown ----------------------------------------------------------
 
 
 class UTCFormatter(logging.Formatter):

@@ -33,7 +33,7 @@ import struct
 import sys
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -432,6 +432,10 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"DTMF": "maybe"}, "DTMF"),
         ({"LOG_TRANSCRIPTS": "2"}, "LOG_TRANSCRIPTS"),
         ({"MAX_CALL_SECONDS": "7200"}, "MAX_CALL_SECONDS"),
+        ({"MCP_SERVER_URL": "http://mcp.example.com"}, "MCP_SERVER_URL must be an https:// URL"),
+        ({"MCP_SERVER_URL": "https://"}, "MCP_SERVER_URL"),
+        ({"MCP_SERVER_LABEL": "my tools"}, "MCP_SERVER_LABEL"),
+        ({"MCP_ALLOWED_TOOLS": "lookup, two words"}, "MCP_ALLOWED_TOOLS"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], complaint: str) -> None:
@@ -1383,7 +1387,7 @@ def test_warm_sessions_let_a_call_skip_the_handshake() -> None:
             assert all(s.received[0]["type"] == "session.update" for s in warm)
             await warm[0].ws.close()  # OpenAI dropped one while it waited: it must not be used
             fake.handshake_delay = 0.5  # new dials are slow from now on
-            twilio = await FakeTwilio(url).open()
+            twilio = await FakeTwilio(url).open(customParameters={})
             await twilio.send_media([audio(1, i) for i in range(3)])
             await eventually(lambda: warm[1].caller_audio() == pcm([audio(1, i) for i in range(3)]))
             assert len(warm[1].of_type("session.update")) == 1  # configured once, before the call
@@ -1403,6 +1407,350 @@ def test_warm_sessions_are_replaced_before_they_grow_old(monkeypatch: pytest.Mon
             await eventually(lambda: len(fake.sessions) >= 3)
             await eventually(lambda: all(s.ws.state is State.CLOSED for s in fake.sessions[:2]))
             assert sum(s.ws.state is State.OPEN for s in fake.sessions) <= 1
+
+    run(scenario)
+
+
+# An agent that can act: tools, MCP, per-call context ------------------------------------------
+
+
+@pytest.fixture
+def shop_tools() -> Iterator[dict[str, Any]]:
+    """Tools registered for one test through relay.tool, exactly as a newcomer adds theirs.
+
+    ``order_status`` waits for a token on ``gate`` before answering, so a test decides
+    when it finishes. ``seen`` records what each call of it was given.
+    """
+    state: dict[str, Any] = {"gate": asyncio.Queue(), "seen": []}
+
+    @relay.tool({"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]})
+    async def order_status(call: relay.Call, order: str) -> dict[str, Any]:
+        """Say where an order is."""
+        state["seen"].append({"call_sid": call.call_sid, "parameters": dict(call.parameters),
+                              "started_at": call.started_at, "order": order})
+        await state["gate"].get()
+        return {"order": order, "status": "shipped"}
+
+    @relay.tool()
+    async def opening_hours(call: relay.Call) -> dict[str, Any]:
+        """When the shop is open."""
+        return {"hours": "9 to 5"}
+
+    @relay.tool()
+    async def broken(call: relay.Call) -> None:
+        """A tool with a bug."""
+        raise RuntimeError("the database is down")
+
+    @relay.tool(timeout=0.2)
+    async def stuck(call: relay.Call) -> None:
+        """A tool that never answers."""
+        await asyncio.sleep(60)
+
+    yield state
+    for name in ("order_status", "opening_hours", "broken", "stuck"):
+        del relay.TOOLS[name]
+
+
+async def function_call(session: FakeSession, name: str, arguments: str, call_id: str,
+                        response_id: str = "resp_1") -> None:
+    await session.send({"type": "response.output_item.done", "response_id": response_id, "output_index": 0,
+                        "item": {"id": f"item_{call_id}", "type": "function_call", "status": "completed",
+                                 "name": name, "call_id": call_id, "arguments": arguments}})
+
+
+async def response_created(session: FakeSession, response_id: str) -> None:
+    await session.send({"type": "response.created", "response": {"id": response_id, "status": "in_progress"}})
+
+
+async def response_done(session: FakeSession, response_id: str) -> None:
+    await session.send({"type": "response.done", "response": {"id": response_id, "status": "completed"}})
+
+
+def tool_outputs(session: FakeSession) -> dict[str, Any]:
+    """The function_call_output items the relay sent, by call_id, with their output decoded."""
+    return {event["item"]["call_id"]: json.loads(event["item"]["output"])
+            for event in session.of_type("conversation.item.create")
+            if event["item"]["type"] == "function_call_output"}
+
+
+def test_the_session_offers_the_tools_defined_in_relay_py(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, _, session):
+            tools = {tool["name"]: tool for tool in session.of_type("session.update")[0]["session"]["tools"]}
+            assert set(tools) == {"end_call", "order_status", "opening_hours", "broken", "stuck"}
+            assert tools["order_status"] == {
+                "type": "function", "name": "order_status", "description": "Say where an order is.",
+                "parameters": {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]},
+            }
+            assert tools["end_call"]["description"].startswith("Hang up the phone call. Use it only after")
+            assert tools["opening_hours"]["parameters"] == {"type": "object", "properties": {}}
+            assert session.of_type("session.update")[0]["session"]["tool_choice"] == "auto"
+
+    run(scenario)
+
+
+def test_two_tools_in_one_response_give_two_outputs_then_exactly_one_response(
+    shop_tools: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            # Round 1: one tool is still running when the response ends.
+            await response_created(session, "resp_1")
+            await function_call(session, "order_status", '{"order": "SECRET-ORDER-99"}', "call_1")
+            await function_call(session, "opening_hours", "{}", "call_2")
+            await eventually(lambda: "call_2" in tool_outputs(session))  # each output goes as soon as it is ready
+            await session.say("item_x", speech(1, 3))  # the audio pumps never wait for a tool
+            await eventually(lambda: len(twilio.media) == 3)
+            await response_done(session, "resp_1")
+            await asyncio.sleep(0.2)
+            assert "call_1" not in tool_outputs(session) and not session.of_type("response.create")
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: len(session.of_type("response.create")) == 1)
+            assert tool_outputs(session) == {"call_1": {"order": "SECRET-ORDER-99", "status": "shipped"},
+                                             "call_2": {"hours": "9 to 5"}}
+            kinds = [event["type"] for event in session.received]
+            assert kinds.index("response.create") > max(i for i, k in enumerate(kinds) if k == "conversation.item.create")
+            # Round 2: both tools finish while the response is still active.
+            await response_created(session, "resp_2")
+            await response_done(session, "resp_2")
+            await response_created(session, "resp_3")
+            shop_tools["gate"].put_nowait("go")
+            await function_call(session, "order_status", '{"order": "B-2"}', "call_3", "resp_3")
+            await function_call(session, "opening_hours", "{}", "call_4", "resp_3")
+            await eventually(lambda: {"call_3", "call_4"} <= set(tool_outputs(session)))
+            await asyncio.sleep(0.2)
+            assert len(session.of_type("response.create")) == 1  # not while resp_3 is active
+            await response_done(session, "resp_3")
+            await eventually(lambda: len(session.of_type("response.create")) == 2)
+            await response_created(session, "resp_4")
+            await response_done(session, "resp_4")
+            await asyncio.sleep(0.2)
+            assert len(session.of_type("response.create")) == 2  # resp_4 spoke the results: nothing more
+            (call,) = the_relay.calls
+            seen = shop_tools["seen"][0]
+            assert seen["call_sid"] == twilio.call_sid and seen["parameters"] == {"caller": "+15550001111"}
+            assert seen["started_at"] == call.started_at and seen["order"] == "SECRET-ORDER-99"
+            numbers = await metrics(the_relay)
+            assert numbers['relay_tool_calls_total{tool="order_status",outcome="ok"}'] == 2
+            assert numbers['relay_tool_calls_total{tool="opening_hours",outcome="ok"}'] == 2
+            assert numbers["relay_tool_call_seconds_count"] == 4
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    info = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert sum("tool order_status: ok in" in line and "CA" in line for line in info) == 2
+    assert not any("SECRET-ORDER-99" in line for line in info)  # arguments at DEBUG only
+    assert any("SECRET-ORDER-99" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+
+
+def test_failing_tools_and_bad_calls_give_the_model_an_error_and_the_call_goes_on(
+    shop_tools: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = {
+        "c_raise": ("broken", "{}", "error"),
+        "c_timeout": ("stuck", "{}", "timeout"),
+        "c_not_json": ("order_status", '{"order": ', "bad_arguments"),
+        "c_not_object": ("order_status", "[1, 2]", "bad_arguments"),
+        "c_wrong_name": ("order_status", '{"item": "A"}', "bad_arguments"),
+        "c_unknown": ("launch_rockets", "{}", "unknown_tool"),
+    }
+
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            await response_created(session, "resp_1")
+            for call_id, (name, arguments, _) in calls.items():
+                await function_call(session, name, arguments, call_id)
+            await response_done(session, "resp_1")
+            await eventually(lambda: set(tool_outputs(session)) == set(calls))
+            assert all(set(output) == {"error"} for output in tool_outputs(session).values())
+            assert "the database is down" in tool_outputs(session)["c_raise"]["error"]
+            assert "0.2 seconds" in tool_outputs(session)["c_timeout"]["error"]
+            assert "launch_rockets" in tool_outputs(session)["c_unknown"]["error"]
+            await eventually(lambda: len(session.of_type("response.create")) == 1)
+            await session.say("item_a", speech(1, 2))  # the call goes on
+            await eventually(lambda: len(twilio.media) == 2)
+            assert len(the_relay.calls) == 1 and the_relay.stats.errors["relay_bug"] == 0
+            numbers = await metrics(the_relay)
+            for name, _, outcome in calls.values():
+                label = "unknown" if name == "launch_rockets" else name
+                assert numbers[f'relay_tool_calls_total{{tool="{label}",outcome="{outcome}"}}'] >= 1
+            assert numbers['relay_tool_calls_total{tool="order_status",outcome="bad_arguments"}'] == 3
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("tool broken failed" in r.getMessage() and r.exc_info for r in warnings)
+    assert any("tool stuck did not finish within 0.2 s" in r.getMessage() and r.exc_info for r in warnings)
+    assert any("tool broken: error in" in r.getMessage() for r in caplog.records)
+
+
+def test_a_caller_who_barges_in_while_a_tool_runs_still_hears_its_result(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, _, session):
+            creates = lambda: len(session.of_type("response.create"))  # noqa: E731
+            # The result comes in while the caller's new answer is playing: it is spoken after it.
+            await response_created(session, "resp_1")
+            await function_call(session, "order_status", '{"order": "A"}', "call_1")
+            await response_done(session, "resp_1")
+            await speech_started(session)
+            await response_created(session, "resp_vad")  # server VAD answers the caller
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: "call_1" in tool_outputs(session))
+            await asyncio.sleep(0.2)
+            assert creates() == 0  # never while a response is active
+            await response_done(session, "resp_vad")
+            await eventually(lambda: creates() == 1)
+            await response_created(session, "resp_2")
+            await response_done(session, "resp_2")
+            # The result comes in after the caller's answer has ended: it is spoken at once.
+            await response_created(session, "resp_3")
+            await function_call(session, "order_status", '{"order": "B"}', "call_2", "resp_3")
+            await response_done(session, "resp_3")
+            await speech_started(session)
+            await response_created(session, "resp_vad2")
+            await response_done(session, "resp_vad2")
+            await asyncio.sleep(0.2)
+            assert creates() == 1
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: creates() == 2)
+            await asyncio.sleep(0.2)
+            assert creates() == 2
+
+    run(scenario)
+
+
+def test_a_remote_mcp_server_is_offered_and_its_failures_are_logged(caplog: pytest.LogCaptureFixture) -> None:
+    token = "mcp-bearer-secret-123"
+
+    async def scenario() -> None:
+        async with one_call(MCP_SERVER_URL="https://mcp.example.com/mcp", MCP_SERVER_LABEL="crm",
+                            MCP_AUTHORIZATION=token, MCP_ALLOWED_TOOLS="find_customer, book_visit") as (
+            _, the_relay, twilio, session
+        ):
+            tools = session.of_type("session.update")[0]["session"]["tools"]
+            assert tools[-1] == {"type": "mcp", "server_label": "crm", "server_url": "https://mcp.example.com/mcp",
+                                 "require_approval": "never", "authorization": token,
+                                 "allowed_tools": ["find_customer", "book_visit"]}
+            await session.send({"type": "mcp_list_tools.failed", "event_id": "ev_1", "item_id": "item_list"})
+            await session.send({"type": "response.mcp_call.failed", "event_id": "ev_2", "item_id": "item_mcp1",
+                                "output_index": 0})
+            await session.send({"type": "response.output_item.done", "response_id": "resp_1", "output_index": 0,
+                                "item": {"id": "item_mcp2", "type": "mcp_call", "server_label": "crm",
+                                         "name": "find_customer", "arguments": '{"phone": "+15550001111"}',
+                                         "output": "Ann Smith"}})
+            await session.send({"type": "response.output_item.done", "response_id": "resp_1", "output_index": 1,
+                                "item": {"id": "item_ask", "type": "mcp_approval_request", "server_label": "crm",
+                                         "name": "book_visit", "arguments": "{}"}})
+            await eventually(lambda: bool(session.of_type("conversation.item.create")))
+            (denial,) = session.of_type("conversation.item.create")
+            assert denial["item"] == {"type": "mcp_approval_response", "approval_request_id": "item_ask",
+                                      "approve": False}
+            await session.say("item_a", speech(1, 1))  # the call goes on
+            await eventually(lambda: len(twilio.media) == 1)
+            assert the_relay.stats.errors["mcp_list_tools"] == 1
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert any(level == logging.ERROR and "crm" in line and "https://mcp.example.com/mcp" in line
+               for level, line in lines)
+    assert any(level == logging.WARNING and "MCP tool call on crm failed" in line for level, line in lines)
+    assert any(level == logging.INFO and "MCP tool find_customer on crm: ok" in line for level, line in lines)
+    assert any(level == logging.WARNING and "book_visit: denied" in line for level, line in lines)
+    assert not any(token in line or "+15550001111" in line.split("]", 1)[-1] for _, line in lines)
+
+
+def call_parameters_config() -> dict[str, str]:
+    return {"instructions": "You are Max, the bakery's assistant.", "greeting": "Bakery, Max speaking.",
+            "voice": "cedar", "caller_name": "Ann", "from": "+15550001111"}
+
+
+def test_call_parameters_reconfigure_the_session_and_the_greeting_waits_for_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        async with fake.running(), running_relay(fake, GREETING="Hello from the environment.") as (the_relay, url):
+            twilio = await FakeTwilio(url).open(start=False)  # "start" comes after OpenAI is configured
+            session = await fake.session()
+            await eventually(lambda: len(session.of_type("session.update")) == 1)
+            await eventually(lambda: all(call.session_configured for call in the_relay.calls))
+            fake.configure.clear()  # hold back OpenAI's confirmation of the next update
+            await twilio.start(customParameters=call_parameters_config())
+            await eventually(lambda: len(session.of_type("session.update")) == 2)
+            update = session.of_type("session.update")[1]["session"]
+            assert update["audio"]["output"]["voice"] == "cedar"
+            assert update["instructions"].startswith("You are Max, the bakery's assistant.")
+            assert "Call details:\n- caller_name: Ann\n- from: +15550001111" in update["instructions"]
+            assert "Tessa" not in update["instructions"]
+            await asyncio.sleep(0.2)
+            assert not session.of_type("response.create")  # the greeting waits for the update
+            fake.configure.set()
+            await eventually(lambda: bool(session.of_type("response.create")))
+            (greeting,) = session.of_type("response.create")
+            assert "Bakery, Max speaking." in greeting["response"]["instructions"]
+            await twilio.close()
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    assert not any("Ann" in r.getMessage() for r in caplog.records)  # names only, never values
+    assert any("custom parameters: caller_name, from, greeting, instructions, voice" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize("parameters", [{}, call_parameters_config()])
+def test_a_call_whose_start_comes_first_needs_one_session_update(parameters: dict[str, str]) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.handshake_delay = 0.3  # Twilio's "start" arrives while OpenAI is still answering
+        async with fake.running(), running_relay(fake) as (_, url):
+            twilio = await FakeTwilio(url).open(customParameters=parameters)
+            session = await fake.session()
+            await eventually(lambda: bool(session.of_type("response.create")))  # greeted
+            (update,) = session.of_type("session.update")
+            assert ("Call details:\n- caller_name: Ann" in update["session"]["instructions"]) is bool(parameters)
+            voice = update["session"]["audio"]["output"]["voice"]
+            assert voice == ("cedar" if parameters else "alloy")
+            await twilio.close()
+
+    run(scenario)
+
+
+def test_an_unknown_voice_parameter_is_ignored_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.handshake_delay = 0.2
+        async with fake.running(), running_relay(fake, VOICE="sage") as (_, url):
+            twilio = await FakeTwilio(url).open(customParameters={"voice": "robot", "account": "gold"})
+            session = await fake.session()
+            await eventually(lambda: bool(session.of_type("session.update")))
+            update = session.of_type("session.update")[0]["session"]
+            assert update["audio"]["output"]["voice"] == "sage"
+            assert update["instructions"].endswith("Call details:\n- account: gold")
+            await twilio.close()
+
+    with caplog.at_level(logging.WARNING, logger="relay"):
+        run(scenario)
+    assert any("ignoring the voice parameter: 'robot'" in r.getMessage() for r in caplog.records)
+
+
+def test_twiml_passes_the_caller_and_the_number_dialled_as_parameters() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            path = "/twiml?CallSid=CA1&From=%2B15550001111&To=%2B15559998888&Caller=x"
+            status, body = await raw_request(port, path, {"Host": "relay.example.com"}, websocket=False)
+            assert status == 200
+            stream = ElementTree.fromstring(body).find("Connect/Stream")
+            assert stream.get("url") == "ws://relay.example.com/media-stream"
+            assert [(p.get("name"), p.get("value")) for p in stream.findall("Parameter")] == [
+                ("from", "+15550001111"), ("to", "+15559998888")]
+            status, body = await raw_request(port, "/twiml?From=client%3A%22Ann%22%20%26%20%3CBob%3E",
+                                             {"Host": "relay.example.com"}, websocket=False)
+            (parameter,) = ElementTree.fromstring(body).findall("Connect/Stream/Parameter")
+            assert parameter.get("value") == 'client:"Ann" & <Bob>'  # escaped, so the XML stays valid
+            status, body = await raw_request(port, "/twiml", {"Host": "relay.example.com"}, websocket=False)
+            assert not ElementTree.fromstring(body).findall("Connect/Stream/Parameter")
 
     run(scenario)
 
