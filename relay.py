@@ -22,6 +22,7 @@ Run it with ``python relay.py``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import binascii
@@ -40,7 +41,9 @@ import re
 import signal
 import sys
 import time
+import urllib.error
 import urllib.parse
+import urllib.request
 import xml.sax.saxutils
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -66,6 +69,13 @@ DEFAULT_INSTRUCTIONS = (
     "say a short goodbye and then call the end_call tool to hang up."
 )
 DEFAULT_GREETING = "Hi, this is Tessa. How can I help you today?"
+# Added to the default instructions when TRANSFER_TO is set.
+TRANSFER_INSTRUCTIONS = (
+    " When the caller asks for a person, or you cannot help them, tell them you are "
+    "transferring them and then call the transfer_call tool."
+)
+# What the caller hears if the person does not answer, or after they hang up first.
+AFTER_TRANSFER_MESSAGE = "The call could not be connected, or it has ended. Please call again if you need us. Goodbye."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +136,17 @@ async def end_call(call: Call, reason: str = "") -> dict[str, Any]:
     return {"ok": True}
 
 
+@tool(
+    {"type": "object", "properties": {"reason": {"type": "string", "description": "Why a person is needed."}}},
+    offered_if=lambda config: bool(config.transfer_to),
+)
+async def transfer_call(call: Call, reason: str = "") -> dict[str, Any]:
+    """Transfer the caller to a person. Use it when the caller asks for a human or you
+    cannot help them; tell them you are transferring them before you call it."""
+    call.transfer_after_answer(reason or "no reason given")
+    return {"ok": True, "next": "The caller is transferred as soon as you stop speaking."}
+
+
 # 2. Configuration ------------------------------------------------------------
 
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
@@ -134,8 +155,12 @@ TIME_LIMIT_GOODBYE = (
     "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
 )
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # used only when LOG_TRANSCRIPTS is on
-# What the caller hears when the stream ends, before the call hangs up (see /twiml).
-FALLBACK_MESSAGE = "Thank you for calling. If we were cut off, please call again. Goodbye."
+# What the caller hears when the stream ends, before the call hangs up (see /twiml). With REST
+# call control the relay hangs up through Twilio, so only an abnormal end gets here.
+CUT_OFF_MESSAGE = "Sorry, we were cut off. Please call again. Goodbye."
+# Without it, the relay's own hang-up ends the stream too: the words must fit both endings.
+STREAM_END_MESSAGE = "Thank you for calling. If we were cut off, please call again. Goodbye."
+TWILIO_REST_TIMEOUT = 10.0  # seconds for one request to Twilio's REST API
 
 CLOSE_TIMEOUT = 1.0  # seconds to wait for a peer to acknowledge a close
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
@@ -152,6 +177,16 @@ MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the r
 
 class ConfigError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TwilioAccount:
+    """What the relay needs to call Twilio's REST API (HTTP Basic auth)."""
+
+    account_sid: str
+    username: str  # an API key (SK...), or the account SID with the auth token
+    password: str = dataclasses.field(repr=False)  # never in a log line or a traceback
+    base_url: str = "https://api.twilio.com"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +218,10 @@ class Config:
     mcp_server_label: str = "tools"
     mcp_authorization: str = ""
     mcp_allowed_tools: tuple[str, ...] = ()
+    twilio_rest: TwilioAccount | None = None  # REST call control: off without an account
+    transfer_to: str = ""
+    transfer_message: str = ""
+    record_calls: bool = False
 
     def __repr__(self) -> str:
         """Keep the secrets out of any log line or traceback that shows the config."""
@@ -253,6 +292,42 @@ def _names(env: Mapping[str, str], name: str, pattern: str) -> tuple[str, ...]:
     return names
 
 
+E164 = r"\+[1-9][0-9]{6,14}"  # a phone number: + and up to 15 digits
+
+
+def _phone_number(name: str, raw: str) -> str:
+    """An E.164 number, or a clear complaint."""
+    if not re.fullmatch(E164, raw):
+        raise ConfigError(f"{name} must be a phone number in E.164 form, like +15551234567; got {raw!r}")
+    return raw
+
+
+def load_twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
+    """The REST credentials, if any: an API key and secret (preferred), or the auth token."""
+    sid = env.get("TWILIO_ACCOUNT_SID", "").strip()
+    key = env.get("TWILIO_API_KEY", "").strip()
+    secret = env.get("TWILIO_API_SECRET", "").strip()
+    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
+    base_url = (env.get("TWILIO_API_BASE_URL", "").strip() or "https://api.twilio.com").rstrip("/")
+    if urllib.parse.urlsplit(base_url).scheme not in ("https", "http") or "//" not in base_url:
+        raise ConfigError(f"TWILIO_API_BASE_URL must be an https:// URL, got {base_url!r}")
+    if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
+        raise ConfigError(f"TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits, got {sid[:40]!r}")
+    if key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", key):
+        raise ConfigError(f"TWILIO_API_KEY must be SK followed by 32 hex digits, got {key[:40]!r}")
+    if bool(key) != bool(secret):
+        raise ConfigError("TWILIO_API_KEY and TWILIO_API_SECRET go together: set both, or neither")
+    if key and not sid:
+        raise ConfigError("TWILIO_API_KEY needs TWILIO_ACCOUNT_SID (the AC... of your account)")
+    if not sid:
+        return None
+    if key:
+        return TwilioAccount(sid, key, secret, base_url)
+    if token:
+        return TwilioAccount(sid, sid, token, base_url)
+    raise ConfigError("TWILIO_ACCOUNT_SID needs TWILIO_AUTH_TOKEN, or TWILIO_API_KEY and TWILIO_API_SECRET")
+
+
 def load_config(env: Mapping[str, str]) -> Config:
     """Build the configuration from environment variables, or say what is wrong."""
     api_key = env.get("OPENAI_API_KEY", "").strip()
@@ -269,6 +344,18 @@ def load_config(env: Mapping[str, str]) -> Config:
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {log_level!r}")
     model = env.get("OPENAI_MODEL", "").strip() or "gpt-realtime-2.1"
     base_url = env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1"
+    twilio_rest = load_twilio_account(env)
+    transfer_to = env.get("TRANSFER_TO", "").strip()
+    if transfer_to and not re.fullmatch(rf"{E164}|sip:\S+", transfer_to):
+        raise ConfigError(f"TRANSFER_TO must be an E.164 number (+15551234567) or a sip: URI, got {transfer_to!r}")
+    record_calls = _switch(env, "RECORD_CALLS", False)
+    for name, wanted in (("TRANSFER_TO", transfer_to), ("RECORD_CALLS", record_calls)):
+        if wanted and twilio_rest is None:
+            raise ConfigError(f"{name} needs Twilio's REST API: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
+                              "(or TWILIO_API_KEY and TWILIO_API_SECRET)")
+    instructions = env.get("INSTRUCTIONS", "").strip() or DEFAULT_INSTRUCTIONS + (
+        TRANSFER_INSTRUCTIONS if transfer_to else ""
+    )
     mcp_label = env.get("MCP_SERVER_LABEL", "").strip() or "tools"
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mcp_label):
         raise ConfigError(f"MCP_SERVER_LABEL must be letters, digits, _ or - (at most 64), got {mcp_label!r}")
@@ -278,7 +365,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         host=env.get("HOST", "").strip() or "0.0.0.0",
         port=int(_number(env, "PORT", 8080, 0, 65535)),
         voice=voice,
-        instructions=env.get("INSTRUCTIONS", "").strip() or DEFAULT_INSTRUCTIONS,
+        instructions=instructions,
         vad_threshold=_number(env, "VAD_THRESHOLD", 0.5, 0.0, 1.0),
         vad_prefix_padding_ms=int(_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000)),
         vad_silence_duration_ms=int(_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000)),
@@ -299,6 +386,10 @@ def load_config(env: Mapping[str, str]) -> Config:
         mcp_server_label=mcp_label,
         mcp_authorization=env.get("MCP_AUTHORIZATION", "").strip(),
         mcp_allowed_tools=_names(env, "MCP_ALLOWED_TOOLS", r"[A-Za-z0-9_.-]{1,128}"),
+        twilio_rest=twilio_rest,
+        transfer_to=transfer_to,
+        transfer_message=env.get("TRANSFER_MESSAGE", "").strip(),
+        record_calls=record_calls,
     )
 
 
@@ -393,11 +484,11 @@ def respond(instructions: str) -> dict[str, Any]:
     return {"type": "response.create", "response": {"instructions": instructions}}
 
 
-def user_text(text: str) -> dict[str, Any]:
-    """A text message from the caller's side of the conversation."""
+def user_text(text: str, role: str = "user") -> dict[str, Any]:
+    """A text message in the conversation: from the caller's side, or a system note."""
     return {
         "type": "conversation.item.create",
-        "item": {"type": "message", "role": "user", "content": [{"type": "input_text", "text": text}]},
+        "item": {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]},
     }
 
 
@@ -467,6 +558,57 @@ class WarmSessions:
         sessions = [session for _, session in self.ready]
         self.ready.clear()
         await asyncio.gather(*(session.close() for session in sessions))
+
+
+class TwilioError(Exception):
+    """A REST request failed: the message is Twilio's own error, or why nothing answered."""
+
+
+def twilio_post(account: TwilioAccount, path: str, fields: Mapping[str, str]) -> dict[str, Any]:
+    """POST a form to ``/2010-04-01/Accounts/{AccountSid}/{path}`` and return Twilio's JSON.
+
+    Blocking (urllib, standard library only): calls run it with ``asyncio.to_thread``.
+    """
+    url = f"{account.base_url}/2010-04-01/Accounts/{account.account_sid}/{path}"
+    credentials = base64.b64encode(f"{account.username}:{account.password}".encode()).decode()
+    request = urllib.request.Request(
+        url,
+        data=urllib.parse.urlencode(fields).encode(),
+        headers={"Authorization": f"Basic {credentials}", "Accept": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=TWILIO_REST_TIMEOUT) as reply:
+            return json.loads(reply.read() or b"{}")
+    except urllib.error.HTTPError as error:
+        raise TwilioError(twilio_error(error.code, error.read())) from None
+    except (OSError, ValueError) as error:  # refused, unreachable, timed out, not JSON
+        raise TwilioError(f"no usable answer from {account.base_url}: {error}") from None
+
+
+def twilio_error(status: int, body: bytes) -> str:
+    """Twilio's error JSON (code, message, more_info) in one line."""
+    try:
+        error = json.loads(body)
+        return f"HTTP {status}, Twilio error {error.get('code')}: {error.get('message')} ({error.get('more_info')})"
+    except (ValueError, AttributeError):
+        return f"HTTP {status}: {body[:200]!r}"
+
+
+def transfer_twiml(config: Config) -> str:
+    """TwiML that says TRANSFER_MESSAGE, dials TRANSFER_TO, and ends the call after it."""
+    escape = xml.sax.saxutils.escape
+    say = f"<Say>{escape(config.transfer_message)}</Say>" if config.transfer_message else ""
+    noun = "Sip" if config.transfer_to.startswith("sip:") else "Number"
+    return (
+        f"<Response>{say}<Dial><{noun}>{escape(config.transfer_to)}</{noun}></Dial>"
+        f"<Say>{escape(AFTER_TRANSFER_MESSAGE)}</Say><Hangup/></Response>"
+    )
+
+
+def masked(target: str) -> str:
+    """A number or SIP address for a log line: its last 4 characters."""
+    return "***" + target[-4:]
 
 
 # 4. One phone call -------------------------------------------------------------
@@ -607,7 +749,10 @@ class Call:
         self.tools_running: set[asyncio.Task[None]] = set()
         self.playback = Playback()
         self.hang_up_reason = ""  # set when the relay decides to end the call
-        self.hanging_up: asyncio.Task[None] | None = None
+        self.transfer_reason = ""  # set when the agent hands the caller to a person
+        self.transferred_to = ""  # masked, once Twilio has taken the transfer
+        self.ending: asyncio.Task[None] | None = None  # the hang-up or transfer under way
+        self.recording: asyncio.Task[None] | None = None
         self.warned: set[str] = set()
         self.close_code = 1000  # 1011 when OpenAI failed; either way Twilio goes on with the TwiML
         self.log = CallLog(logger, {"call": self})
@@ -636,7 +781,7 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
-            tasks = [*pumps, timer, *self.tools_running, *filter(None, [self.hanging_up])]
+            tasks = [*pumps, timer, *self.tools_running, *filter(None, [self.ending, self.recording])]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -696,7 +841,12 @@ class Call:
         elif kind == "dtmf":
             await self.on_dtmf(event)
         elif kind == "stop":
-            self.log.info("the caller hung up (Twilio stopped the stream)")
+            if self.transferred_to:
+                self.log.info("transferred to %s (Twilio stopped the stream)", self.transferred_to)
+            elif self.hang_up_reason:
+                self.log.info("Twilio stopped the stream: the relay is hanging up")
+            else:
+                self.log.info("the caller hung up (Twilio stopped the stream)")
             if self.held_audio:
                 await self.send_caller_audio(binascii.b2a_base64(self.held_audio, newline=False).decode())
             return False
@@ -726,6 +876,8 @@ class Call:
             self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
         self.persona = persona_for_call(self.config, self.parameters)
         self.stream_started.set()
+        if self.config.record_calls and self.call_sid:
+            self.recording = asyncio.create_task(self.record())
         if self.told_persona is not None:  # the session was configured before "start" came
             await self.configure_session()
         await self.greet()
@@ -958,16 +1110,22 @@ class Call:
         Tool results and keypad presses that arrived while the model was busy would
         otherwise go unspoken; exactly one response.create covers all of them.
         """
-        if self.tools_running or self.responding:
+        if self.tools_running or self.responding or self.ending:
             return
         if self.hang_up_reason:
             self.start_hang_up()
+        elif self.transfer_reason:
+            self.ending = asyncio.create_task(self.transfer())
         elif self.unanswered:
             await self.ask_for_response()
 
     def end_after_answer(self, reason: str) -> None:
         """Hang up once the current answer has been played (for tools such as end_call)."""
         self.hang_up_reason = reason
+
+    def transfer_after_answer(self, reason: str) -> None:
+        """Transfer the caller to TRANSFER_TO once the current answer has been played."""
+        self.transfer_reason = reason
 
     async def on_output_item(self, item: Any) -> None:
         """The model finished an output item: run function calls; MCP items are only logged."""
@@ -1081,21 +1239,71 @@ class Call:
         self.start_hang_up()
 
     def start_hang_up(self) -> None:
-        if self.hanging_up is None:
-            self.hanging_up = asyncio.create_task(self.hang_up())
+        if self.ending is None:
+            self.ending = asyncio.create_task(self.hang_up())
 
     async def hang_up(self) -> None:
-        """Let the goodbye finish playing, then close Twilio's socket.
+        """Let the goodbye finish playing, then end the call.
 
-        Twilio then runs the TwiML after ``<Connect>`` (README puts ``<Hangup/>`` there).
+        With REST call control, Twilio is asked to complete the call, so the caller hears
+        nothing after the goodbye. Otherwise, or if Twilio refuses, closing the socket makes
+        Twilio run the TwiML after ``<Connect>`` (README puts ``<Hangup/>`` there).
         """
+        await self.let_playback_finish("the goodbye")
+        self.log.info("hanging up: %s", self.hang_up_reason)
+        if self.config.twilio_rest and self.call_sid:
+            with contextlib.suppress(TwilioError):
+                await self.twilio_rest("hang up", f"Calls/{self.call_sid}.json", {"Status": "completed"})
+        await self.twilio.close(1000, "call ended")
+
+    async def transfer(self) -> None:
+        """Once the handover line has played, have Twilio dial TRANSFER_TO for this caller.
+
+        Twilio then stops the stream. If it refuses, the agent is told, so it can apologise
+        and carry on: the caller is never left in silence.
+        """
+        await self.let_playback_finish("the handover line")
+        target = masked(self.config.transfer_to)
+        self.log.info("transferring to %s: %s", target, self.transfer_reason)
+        try:
+            await self.twilio_rest("transfer", f"Calls/{self.call_sid}.json", {"Twiml": transfer_twiml(self.config)})
+        except TwilioError as error:
+            self.stats.transfers["failed"] += 1
+            self.transfer_reason, self.ending = "", None
+            note = f"The transfer failed: {error}. Apologise to the caller and go on helping them yourself."
+            await self.to_openai(user_text(note, role="system"))
+            self.unanswered = True
+            await self.answer_when_free()
+            return
+        self.stats.transfers["ok"] += 1
+        self.transferred_to = target
+
+    async def record(self) -> None:
+        """Start recording the call, caller and agent on separate channels."""
+        with contextlib.suppress(TwilioError):
+            reply = await self.twilio_rest(
+                "start recording", f"Calls/{self.call_sid}/Recordings.json", {"RecordingChannels": "dual"}
+            )
+            self.log.info("recording the call: %s", reply.get("sid"))
+
+    async def twilio_rest(self, what: str, path: str, fields: Mapping[str, str]) -> dict[str, Any]:
+        """A REST request about this call, off the event loop; a failure is logged and counted."""
+        try:
+            if not self.call_sid:
+                raise TwilioError("the stream has no callSid")
+            return await asyncio.to_thread(twilio_post, self.config.twilio_rest, path, fields)  # type: ignore[arg-type]
+        except TwilioError as error:
+            self.relay.count_error("twilio_rest")
+            self.log.error("Twilio did not %s: %s", what, error)
+            raise
+
+    async def let_playback_finish(self, what: str) -> None:
+        """Wait until the caller has heard the agent's last words (at most a few seconds)."""
         try:
             async with asyncio.timeout(GOODBYE_PLAYBACK_LIMIT):
                 await self.playback.drained.wait()
         except TimeoutError:
-            self.log.warning("the goodbye is still playing after %g s", GOODBYE_PLAYBACK_LIMIT)
-        self.log.info("hanging up: %s", self.hang_up_reason)
-        await self.twilio.close(1000, "call ended")
+            self.log.warning("%s is still playing after %g s", what, GOODBYE_PLAYBACK_LIMIT)
 
     async def on_openai_error(self, event: dict[str, Any]) -> None:
         """Errors mean OpenAI ignored something we sent (a bad field keeps the old config)."""
@@ -1166,6 +1374,7 @@ class Stats:
         default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10))
     )
     tool_calls: collections.Counter[tuple[str, str]] = dataclasses.field(default_factory=collections.Counter)
+    transfers: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     tool_seconds: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     )
@@ -1258,9 +1467,14 @@ class Relay:
         return (
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n'
             f"  {connect_stream(stream_url, parameters)}\n"
-            f"  <Say>{xml.sax.saxutils.escape(FALLBACK_MESSAGE)}</Say>\n"
+            f"  <Say>{xml.sax.saxutils.escape(self.stream_end_message)}</Say>\n"
             "  <Hangup/>\n</Response>\n"
         )
+
+    @property
+    def stream_end_message(self) -> str:
+        """What the caller hears if the stream ends without the relay hanging up through REST."""
+        return CUT_OFF_MESSAGE if self.config.twilio_rest else STREAM_END_MESSAGE
 
     def health(self) -> dict[str, Any]:
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -1308,6 +1522,8 @@ class Relay:
                 for (tool, outcome), count in sorted(stats.tool_calls.items())])
         metric("relay_tool_call_seconds", "histogram", "Time tools took, timeouts included.",
                stats.tool_seconds.lines("relay_tool_call_seconds"))
+        metric("relay_transfers_total", "counter", "Transfers to TRANSFER_TO, by outcome.",
+               labelled("relay_transfers_total", "outcome", stats.transfers))
         return "\n".join(lines) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
@@ -1505,5 +1721,75 @@ async def main() -> None:
     )
 
 
+def place_call(to: str, greeting: str | None, instructions: str | None, params: list[str]) -> None:
+    """``relay.py call``: have Twilio dial ``to`` and connect the answered call to this relay.
+
+    The running relay (wherever PUBLIC_URL points) takes the call like any other; the
+    ``<Parameter>``s tell it the call is outbound and carry the per-call values.
+    """
+    load_dotenv()
+    try:
+        account = load_twilio_account(os.environ)
+        if account is None:
+            raise ConfigError("outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
+                              "(or TWILIO_API_KEY and TWILIO_API_SECRET)")
+        caller_id = os.environ.get("TWILIO_PHONE_NUMBER", "").strip()
+        if not caller_id:
+            raise ConfigError("outbound calls need TWILIO_PHONE_NUMBER, the Twilio number to call from")
+        caller_id = _phone_number("TWILIO_PHONE_NUMBER", caller_id)
+        public_url = _public_url(os.environ.get("PUBLIC_URL", "").strip())
+        if not public_url:
+            raise ConfigError("outbound calls need PUBLIC_URL, the relay's address Twilio connects the call to")
+        to = _phone_number("the number to call", to)
+        parameters = {"direction": "outbound"}
+        for param in params:
+            name, equals, value = param.partition("=")
+            if not equals or not name.strip():
+                raise ConfigError(f"--param takes NAME=VALUE, got {param!r}")
+            parameters[name.strip()] = value
+        parameters.update({name: value for name, value in (("greeting", greeting), ("instructions", instructions))
+                           if value is not None})
+    except ConfigError as error:
+        sys.exit(f"relay: {error}")
+    stream_url = public_url.replace("http", "ws", 1) + "/media-stream"
+    twiml = (
+        f"<Response>{connect_stream(stream_url, parameters)}"
+        f"<Say>{xml.sax.saxutils.escape(CUT_OFF_MESSAGE)}</Say><Hangup/></Response>"
+    )
+    try:
+        reply = twilio_post(account, "Calls.json", {"To": to, "From": caller_id, "Twiml": twiml})
+    except TwilioError as error:
+        sys.exit(f"relay: Twilio did not place the call: {error}")
+    sys.stdout.write(f"{reply.get('sid')}\n")
+
+
+def command_line(argv: list[str]) -> None:
+    """``python relay.py`` serves calls; ``python relay.py call NUMBER`` places one."""
+    parser = argparse.ArgumentParser(
+        prog="relay.py",
+        usage="python relay.py [-h] [call NUMBER [options]]",
+        description="Relay phone calls between Twilio Media Streams and the OpenAI Realtime API. "
+        "Without a command, serve calls (settings come from the environment and .env).",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="call")
+    call = commands.add_parser(
+        "call",
+        help="place an outbound call through Twilio's REST API, print its Call SID and exit",
+        description="Have Twilio call NUMBER from TWILIO_PHONE_NUMBER and connect the answered call to "
+        "the relay at PUBLIC_URL (which must be running). Needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
+        "(or TWILIO_API_KEY and TWILIO_API_SECRET).",
+    )
+    call.add_argument("number", help="the number to call, in E.164 form: +15551234567")
+    call.add_argument("--greeting", help="what the agent says first on this call")
+    call.add_argument("--instructions", help="the agent's instructions for this call")
+    call.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                      help="a call detail for the agent and the tools (repeatable)")
+    args = parser.parse_args(argv)
+    if args.command == "call":
+        place_call(args.number, args.greeting, args.instructions, args.param)
+    else:
+        asyncio.run(main())
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    command_line(sys.argv[1:])

@@ -32,6 +32,7 @@ import signal
 import struct
 import sys
 import time
+import urllib.parse
 import xml.etree.ElementTree as ElementTree
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -436,6 +437,17 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"MCP_SERVER_URL": "https://"}, "MCP_SERVER_URL"),
         ({"MCP_SERVER_LABEL": "my tools"}, "MCP_SERVER_LABEL"),
         ({"MCP_ALLOWED_TOOLS": "lookup, two words"}, "MCP_ALLOWED_TOOLS"),
+        ({"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID must be AC followed by 32"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_API_KEY": "SKnope", "TWILIO_API_SECRET": "s"},
+         "TWILIO_API_KEY must be SK followed by 32"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_API_KEY": "SK" + "0" * 32}, "go together"),
+        ({"TWILIO_API_KEY": "SK" + "0" * 32, "TWILIO_API_SECRET": "s"}, "TWILIO_API_KEY needs TWILIO_ACCOUNT_SID"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32}, "TWILIO_ACCOUNT_SID needs TWILIO_AUTH_TOKEN"),
+        ({"TWILIO_API_BASE_URL": "api.twilio.com"}, "TWILIO_API_BASE_URL"),
+        ({"TRANSFER_TO": "+15551234567"}, "TRANSFER_TO needs Twilio's REST API"),
+        ({"RECORD_CALLS": "on"}, "RECORD_CALLS needs Twilio's REST API"),
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "TRANSFER_TO": "555-1234"},
+         "TRANSFER_TO must be an E.164 number"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], complaint: str) -> None:
@@ -469,6 +481,8 @@ def start_relay_process(env: dict[str, str]) -> Awaitable[asyncio.subprocess.Pro
     [
         ({"OPENAI_API_KEY": ""}, b"OPENAI_API_KEY is not set"),
         ({"OPENAI_API_KEY": API_KEY, "VOICE": "robot"}, b"VOICE must be one of alloy, ash"),
+        ({"OPENAI_API_KEY": API_KEY, "TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": "secret-token"},
+         b"TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits"),
     ],
 )
 def test_start_up_refuses_bad_configuration(env: dict[str, str], complaint: bytes) -> None:
@@ -478,7 +492,7 @@ def test_start_up_refuses_bad_configuration(env: dict[str, str], complaint: byte
         assert process.returncode == 1
         assert complaint in stderr
         assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback
-        assert API_KEY.encode() not in stderr
+        assert API_KEY.encode() not in stderr and b"secret-token" not in stderr
 
     run(scenario)
 
@@ -1184,7 +1198,7 @@ def test_twiml_route_connects_the_call_to_this_relay() -> None:
             twiml = ElementTree.fromstring(body)
             assert [child.tag for child in twiml] == ["Connect", "Say", "Hangup"]
             assert twiml.find("Connect/Stream").get("url") == "wss://relay.example.com/media-stream"
-            assert twiml.find("Say").text
+            assert twiml.find("Say").text == relay.STREAM_END_MESSAGE  # fits the agent's own goodbye too
             status, _ = await raw_request(port, path, proxied, websocket=False)
             assert status == 403
             assert not fake.sessions
@@ -1751,6 +1765,335 @@ def test_twiml_passes_the_caller_and_the_number_dialled_as_parameters() -> None:
             assert parameter.get("value") == 'client:"Ann" & <Bob>'  # escaped, so the XML stays valid
             status, body = await raw_request(port, "/twiml", {"Host": "relay.example.com"}, websocket=False)
             assert not ElementTree.fromstring(body).findall("Connect/Stream/Parameter")
+
+    run(scenario)
+
+
+# Call control through Twilio's REST API ---------------------------------------------------------
+
+ACCOUNT_SID = "AC" + "a1" * 16
+API_KEY = "SK" + "b2" * 16
+API_SECRET = "twilio-api-secret-for-tests"
+TWILIO_ERRORS = {
+    "401": (401, {"code": 20003, "message": "Authenticate", "more_info": "https://www.twilio.com/docs/errors/20003",
+                  "status": 401}),
+    "404": (404, {"code": 20404, "message": "The requested resource was not found",
+                  "more_info": "https://www.twilio.com/docs/errors/20404", "status": 404}),
+    "500": (500, {"code": 20500, "message": "Internal Server Error",
+                  "more_info": "https://www.twilio.com/docs/errors/20500", "status": 500}),
+}
+
+
+class FakeTwilioRest:
+    """Twilio's REST API on a loopback port: checks Basic auth, records requests, fails on demand.
+
+    As Twilio does, redirecting a call (``Twiml=``) or completing it ends its media stream:
+    the fake Twilio client registered for that CallSid sends ``stop`` and closes.
+    """
+
+    def __init__(self, username: str = API_KEY, password: str = API_SECRET) -> None:
+        self.authorization = "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.played_at_request: list[int] = []  # what the call's phone had played when each came
+        self.failure: tuple[int, dict[str, Any]] | None = None  # answer every request with this
+        self.delay = 0.0
+        self.streams: dict[str, FakeTwilio] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FakeTwilioRest]:
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+        async with server:
+            yield self
+        for task in self.tasks:
+            task.cancel()
+
+    def env(self) -> dict[str, str]:
+        return {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_API_KEY": API_KEY, "TWILIO_API_SECRET": API_SECRET,
+                "TWILIO_API_BASE_URL": f"http://127.0.0.1:{self.port}"}
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        request_line, *lines = head.split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines if line)}
+        body = await reader.readexactly(int(headers.get("content-length", "0")))
+        method, path, _ = request_line.split(" ")
+        status, reply = await self.answer(method, path, headers, body.decode())
+        data = json.dumps(reply).encode()
+        writer.write(f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                     f"Connection: close\r\n\r\n".encode() + data)
+        await writer.drain()
+        writer.close()
+
+    async def answer(self, method: str, path: str, headers: dict[str, str], body: str) -> tuple[int, dict[str, Any]]:
+        if headers.get("authorization") != self.authorization:
+            return TWILIO_ERRORS["401"]
+        assert method == "POST" and headers["content-type"] == "application/x-www-form-urlencoded"
+        fields = dict(urllib.parse.parse_qsl(body))
+        self.requests.append((path, fields))
+        call_sid = re.search(r"/Calls/(CA\w{32})", path)
+        stream = self.streams.get(call_sid.group(1)) if call_sid else None
+        self.played_at_request.append(stream.played_bytes if stream else -1)
+        await asyncio.sleep(self.delay)
+        if self.failure:
+            return self.failure
+        resource = path.removeprefix(f"/2010-04-01/Accounts/{ACCOUNT_SID}/")
+        if resource == "Calls.json":
+            return 201, {"sid": "CA" + "c3" * 16, "status": "queued", "to": fields["To"]}
+        if call_sid and resource == f"Calls/{call_sid.group(1)}/Recordings.json":
+            return 201, {"sid": "RE" + "d4" * 16, "status": "in-progress", "channels": 2}
+        if call_sid and resource == f"Calls/{call_sid.group(1)}.json":
+            if stream is not None:
+                task = asyncio.create_task(self.end_stream(stream))
+                self.tasks.add(task)
+            return 200, {"sid": call_sid.group(1), "status": fields.get("Status", "in-progress")}
+        return TWILIO_ERRORS["404"]
+
+    async def end_stream(self, twilio: FakeTwilio) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await twilio.stop()
+            await twilio.ws.close()  # type: ignore[union-attr]
+
+
+@contextlib.asynccontextmanager
+async def rest_call(
+    failure: str = "", **env: str
+) -> AsyncIterator[tuple[FakeTwilioRest, relay.Relay, FakeTwilio, FakeSession]]:
+    """One call on a relay with REST call control, against the fake REST API."""
+    async with FakeOpenAI().running() as fake, FakeTwilioRest().running() as rest:
+        rest.failure = TWILIO_ERRORS[failure] if failure else None
+        async with running_relay(fake, **{"GREETING": "", **rest.env(), **env}) as (the_relay, url):
+            twilio = FakeTwilio(url)
+            rest.streams[twilio.call_sid] = twilio
+            await twilio.open()
+            session = await fake.session()
+            await eventually(lambda: all(call.session_configured and call.stream_sid for call in the_relay.calls))
+            yield rest, the_relay, twilio, session
+            await twilio.close()
+
+
+def no_secrets_in(lines: list[str]) -> bool:
+    basic = base64.b64encode(f"{API_KEY}:{API_SECRET}".encode()).decode()
+    return not any(API_SECRET in line or basic in line or AUTH_TOKEN in line for line in lines)
+
+
+@pytest.mark.parametrize("ending", ["end_call", "session_expired"])
+def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with rest_call() as (rest, the_relay, twilio, session):
+            await session.say("item_bye", speech(1, 5))  # a 500 ms goodbye
+            if ending == "end_call":
+                await call_end_call(session)
+            else:
+                await session.send({"type": "error", "error": {"type": "invalid_request_error",
+                                    "code": "session_expired", "message": "60 minutes", "param": None}})
+            await twilio.closed.wait()
+            ((path, fields),) = rest.requests
+            assert path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{twilio.call_sid}.json"
+            assert fields == {"Status": "completed"}
+            assert rest.played_at_request == [5 * CHUNK_MS * 8]  # after the goodbye had played
+            assert the_relay.stats.errors["twilio_rest"] == 0
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("hanging up:" in line for line in lines)
+    assert no_secrets_in(lines)
+
+
+@pytest.mark.parametrize("failure", ["500", "404", "401", "slow"])
+def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
+    failure: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(relay, "TWILIO_REST_TIMEOUT", 0.5)  # 10 s in real life
+
+    async def scenario() -> None:
+        env = {"TWILIO_API_SECRET": "wrong-secret"} if failure == "401" else {}
+        async with rest_call(failure if failure in ("500", "404") else "", **env) as (rest, the_relay, twilio, session):
+            rest.delay = 3 if failure == "slow" else 0
+            await session.say("item_bye", speech(1, 2))
+            await call_end_call(session)
+            await twilio.closed.wait()
+            assert twilio.close_code == 1000  # Twilio then plays the TwiML after <Connect>
+            assert not any(event["event"] == "stop" for event in twilio.received)
+            assert the_relay.stats.errors["twilio_rest"] == 1
+            assert (await health(the_relay))["errors"] == 1
+
+    with caplog.at_level(logging.DEBUG):
+        run(scenario)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    expected = {"500": "HTTP 500, Twilio error 20500: Internal Server Error (https://www.twilio.com/docs/errors/20500)",
+                "404": "HTTP 404, Twilio error 20404: The requested resource was not found",
+                "401": "HTTP 401, Twilio error 20003: Authenticate", "slow": "no usable answer"}[failure]
+    assert any("Twilio did not hang up: " + expected in line and "CA" in line for line in errors), errors
+    assert no_secrets_in([r.getMessage() for r in caplog.records])
+    assert not any("wrong-secret" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("target", "noun"), [("+15551234567", "Number"), ("sip:frontdesk@example.com", "Sip")])
+def test_transfer_dials_a_person_after_the_handover_line(target: str, noun: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with rest_call(TRANSFER_TO=target, TRANSFER_MESSAGE="Connecting you to the front desk.") as (
+            rest, the_relay, twilio, session
+        ):
+            config = session.of_type("session.update")[0]["session"]
+            assert "transfer_call" in [tool["name"] for tool in config["tools"]]
+            assert "call the transfer_call tool" in config["instructions"]
+            await response_created(session, "resp_1")
+            await session.say("item_handover", speech(1, 5))  # "Let me transfer you."
+            await function_call(session, "transfer_call", '{"reason": "wants a person"}', "call_t")
+            await response_done(session, "resp_1")
+            await twilio.closed.wait()  # Twilio ended the stream after the redirect
+            ((path, fields),) = rest.requests
+            assert path.endswith(f"/Calls/{twilio.call_sid}.json") and set(fields) == {"Twiml"}
+            assert rest.played_at_request == [5 * CHUNK_MS * 8]  # the handover line was heard first
+            twiml = ElementTree.fromstring(fields["Twiml"])
+            assert [child.tag for child in twiml] == ["Say", "Dial", "Say", "Hangup"]
+            assert twiml[0].text == "Connecting you to the front desk."
+            assert [(child.tag, child.text) for child in twiml.find("Dial")] == [(noun, target)]
+            assert tool_outputs(session)["call_t"]["ok"] is True
+            assert not session.of_type("response.create")  # the agent does not speak again
+            await session.ws.wait_closed()  # OpenAI is closed as usual
+            assert (await metrics(the_relay))['relay_transfers_total{outcome="ok"}'] == 1
+
+    with caplog.at_level(logging.INFO):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(f"transferred to ***{target[-4:]}" in line and "CA" in line for line in lines)
+    assert not any("the caller hung up" in line for line in lines)
+    assert not any(target in line for line in lines)  # masked to its last 4 characters
+
+
+def test_a_failed_transfer_keeps_the_call_and_the_agent_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with rest_call("404", TRANSFER_TO="+15551234567") as (rest, the_relay, twilio, session):
+            await response_created(session, "resp_1")
+            await session.say("item_handover", speech(1, 2))
+            await function_call(session, "transfer_call", "{}", "call_t")
+            await response_done(session, "resp_1")
+            await eventually(lambda: bool(session.of_type("response.create")))
+            notes = [e["item"] for e in session.of_type("conversation.item.create") if e["item"]["type"] == "message"]
+            assert [note["role"] for note in notes] == ["system"]
+            assert notes[0]["content"][0]["text"].startswith("The transfer failed: HTTP 404, Twilio error 20404")
+            kinds = [event["type"] for event in session.received]
+            assert kinds.index("response.create") > kinds.index("conversation.item.create")
+            await response_created(session, "resp_2")
+            await session.say("item_sorry", speech(2, 2), response_id="resp_2")  # the agent apologises
+            await response_done(session, "resp_2")
+            await eventually(lambda: len(twilio.media) == 4)
+            assert not twilio.closed.is_set() and len(the_relay.calls) == 1
+            numbers = await metrics(the_relay)
+            assert numbers['relay_transfers_total{outcome="failed"}'] == 1
+            assert numbers['relay_errors_total{kind="twilio_rest"}'] == 1
+            assert len(session.of_type("response.create")) == 1
+
+    with caplog.at_level(logging.INFO):
+        run(scenario)
+    assert any("Twilio did not transfer: HTTP 404" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("failure", ["", "500"])
+def test_calls_are_recorded_from_the_start_when_asked(failure: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with rest_call(failure, RECORD_CALLS="on") as (rest, the_relay, twilio, session):
+            await eventually(lambda: bool(rest.requests))
+            ((path, fields),) = rest.requests
+            assert path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{twilio.call_sid}/Recordings.json"
+            assert fields == {"RecordingChannels": "dual"}
+            await twilio.send_media([audio(1, i) for i in range(3)])  # the call goes on either way
+            await eventually(lambda: session.caller_audio() == pcm([audio(1, i) for i in range(3)]))
+            assert the_relay.stats.errors["twilio_rest"] == (1 if failure else 0)
+
+    with caplog.at_level(logging.INFO):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    if failure:
+        assert any("Twilio did not start recording: HTTP 500" in line for line in lines)
+    else:
+        assert any("recording the call: RE" + "d4" * 16 in line for line in lines)
+
+
+def test_the_auth_token_works_for_rest_and_for_signatures() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, FakeTwilioRest(ACCOUNT_SID, AUTH_TOKEN).running() as rest:
+            env = {"TWILIO_ACCOUNT_SID": ACCOUNT_SID, "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "GREETING": "",
+                   "TWILIO_API_BASE_URL": f"http://127.0.0.1:{rest.port}"}
+            async with running_relay(fake, **env) as (the_relay, url):
+                twilio = FakeTwilio(url)
+                rest.streams[twilio.call_sid] = twilio
+                await twilio.open(headers={"X-Twilio-Signature": twilio_signature(url)})
+                session = await fake.session()
+                await call_end_call(session)
+                await twilio.closed.wait()
+                assert [fields for _, fields in rest.requests] == [{"Status": "completed"}]
+                _, body = await raw_request(the_relay.port, "/twiml", {"Host": "relay.example.com",  # type: ignore[attr-defined]
+                                            "X-Twilio-Signature": twilio_signature("http://relay.example.com/twiml")},
+                                            websocket=False)
+                assert ElementTree.fromstring(body).find("Say").text == relay.CUT_OFF_MESSAGE
+
+    run(scenario)
+
+
+def run_call_command(args: list[str], env: dict[str, str]) -> Awaitable[asyncio.subprocess.Process]:
+    """``python relay.py call ...`` as an operator runs it, with a clean environment."""
+    return asyncio.create_subprocess_exec(
+        sys.executable, "relay.py", "call", *args, cwd=HERE, env={"PATH": os.environ.get("PATH", ""), **env},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def test_relay_py_call_places_an_outbound_call_to_the_relay() -> None:
+    async def scenario() -> None:
+        async with FakeTwilioRest().running() as rest:
+            env = {**rest.env(), "TWILIO_PHONE_NUMBER": "+15550002222", "PUBLIC_URL": "https://relay.example.com"}
+            process = await run_call_command(["+15553334444", "--greeting", "Hi Ann, it's Tessa from the clinic.",
+                                              "--param", "customer_id=42", "--param", "note=a=b"], env)
+            stdout, stderr = await process.communicate()
+            assert process.returncode == 0, stderr
+            assert stdout.decode() == "CA" + "c3" * 16 + "\n"
+            ((path, fields),) = rest.requests
+            assert path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json"
+            assert (fields["To"], fields["From"]) == ("+15553334444", "+15550002222")
+            twiml = ElementTree.fromstring(fields["Twiml"])
+            assert [child.tag for child in twiml] == ["Connect", "Say", "Hangup"]
+            stream = twiml.find("Connect/Stream")
+            assert stream.get("url") == "wss://relay.example.com/media-stream"
+            assert {p.get("name"): p.get("value") for p in stream.findall("Parameter")} == {
+                "direction": "outbound", "customer_id": "42", "note": "a=b",
+                "greeting": "Hi Ann, it's Tessa from the clinic."}
+            assert API_SECRET.encode() not in stdout + stderr
+
+    run(scenario)
+
+
+CALL_COMMAND_ERRORS = {
+    "no credentials": ({"TWILIO_ACCOUNT_SID": ""}, "+15553334444", "outbound calls need TWILIO_ACCOUNT_SID"),
+    "no caller id": ({"TWILIO_PHONE_NUMBER": ""}, "+15553334444", "outbound calls need TWILIO_PHONE_NUMBER"),
+    "no public url": ({"PUBLIC_URL": ""}, "+15553334444", "outbound calls need PUBLIC_URL"),
+    "bad number": ({}, "555-1234", "the number to call must be a phone number in E.164 form"),
+    "bad caller id": ({"TWILIO_PHONE_NUMBER": "12"}, "+15553334444", "TWILIO_PHONE_NUMBER must be a phone number"),
+    "refused": ({"TWILIO_API_SECRET": "wrong-secret"}, "+15553334444",
+                "Twilio did not place the call: HTTP 401, Twilio error 20003: Authenticate"),
+}
+
+
+@pytest.mark.parametrize("case", CALL_COMMAND_ERRORS)
+def test_relay_py_call_says_what_is_wrong_in_one_line(case: str) -> None:
+    override, number, complaint = CALL_COMMAND_ERRORS[case]
+
+    async def scenario() -> None:
+        async with FakeTwilioRest().running() as rest:
+            env = {**rest.env(), "TWILIO_PHONE_NUMBER": "+15550002222", "PUBLIC_URL": "https://relay.example.com",
+                   **override}
+            if not env["TWILIO_ACCOUNT_SID"]:
+                del env["TWILIO_API_KEY"], env["TWILIO_API_SECRET"]
+            process = await run_call_command([number], env)
+            stdout, stderr = await process.communicate()
+            assert process.returncode != 0 and stdout == b""
+            assert complaint in stderr.decode()
+            assert len(stderr.strip().splitlines()) == 1
+            assert b"secret" not in stderr
 
     run(scenario)
 
