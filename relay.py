@@ -33,6 +33,7 @@ import dataclasses
 import datetime
 import hashlib
 import hmac
+import http
 import inspect
 import json
 import logging
@@ -132,7 +133,7 @@ def tool(
 async def end_call(call: Call, reason: str = "") -> dict[str, Any]:
     """Hang up the phone call. Use it only after you have said goodbye, when the caller
     wants to end the call or the conversation is finished."""
-    call.end_after_answer(f"the agent ended the call ({reason or 'no reason given'})")
+    call.end_after_answer("the agent ended the call")  # the reason is logged at DEBUG, as all arguments
     return {"ok": True}
 
 
@@ -143,7 +144,7 @@ async def end_call(call: Call, reason: str = "") -> dict[str, Any]:
 async def transfer_call(call: Call, reason: str = "") -> dict[str, Any]:
     """Transfer the caller to a person. Use it when the caller asks for a human or you
     cannot help them; tell them you are transferring them before you call it."""
-    call.transfer_after_answer(reason or "no reason given")
+    call.transfer_after_answer()
     return {"ok": True, "next": "The caller is transferred as soon as you stop speaking."}
 
 
@@ -154,7 +155,7 @@ VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
 TIME_LIMIT_GOODBYE = (
     "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
 )
-TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # used only when LOG_TRANSCRIPTS is on
+TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # for SESSION_CONTINUITY and LOG_TRANSCRIPTS
 # What the caller hears when the stream ends, before the call hangs up (see /twiml). With REST
 # call control the relay hangs up through Twilio, so only an abnormal end gets here.
 CUT_OFF_MESSAGE = "Sorry, we were cut off. Please call again. Goodbye."
@@ -170,8 +171,18 @@ MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
 START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
 MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
 COALESCE_WHEN_LATE = 0.02  # seconds behind Twilio's clock before caller frames are joined
+FRAME_SECONDS = 0.02  # Twilio sends a frame of caller audio every 20 ms
 WARM_SESSION_MAX_AGE = 240.0  # seconds; a call must still fit in the session's 60 minutes
 MARK_EVERY_MS = 100  # agent audio between two marks: fewer messages, yet barge-in stays exact
+# What SESSION_CONTINUITY remembers of a call, as text; older turns are forgotten first.
+MEMORY_TURNS = 200
+MEMORY_TURN_CHARS = 2000
+MEMORY_CHARS = 24000  # about 6,000 tokens: a new session reads it all before it answers
+ROLLOVER_QUIET_WAIT = 60.0  # seconds a planned rollover waits for neither side to be speaking
+PICK_UP_AFTER_DROP = (
+    "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
+    "words, then pick up where the conversation left off."
+)
 MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
 
 
@@ -222,6 +233,9 @@ class Config:
     transfer_to: str = ""
     transfer_message: str = ""
     record_calls: bool = False
+    session_continuity: bool = True
+    reconnect_seconds: float = 5.0
+    session_rollover_seconds: float = 3420.0
 
     def __repr__(self) -> str:
         """Keep the secrets out of any log line or traceback that shows the config."""
@@ -356,6 +370,11 @@ def load_config(env: Mapping[str, str]) -> Config:
     instructions = env.get("INSTRUCTIONS", "").strip() or DEFAULT_INSTRUCTIONS + (
         TRANSFER_INSTRUCTIONS if transfer_to else ""
     )
+    session_continuity = _switch(env, "SESSION_CONTINUITY", True)
+    max_call_seconds = _number(env, "MAX_CALL_SECONDS", 3300, 1, 4 * 3600)
+    if max_call_seconds > 3600 and not session_continuity:
+        raise ConfigError("MAX_CALL_SECONDS above 3600 needs SESSION_CONTINUITY=on: "
+                          "OpenAI ends every session after 60 minutes")
     mcp_label = env.get("MCP_SERVER_LABEL", "").strip() or "tools"
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mcp_label):
         raise ConfigError(f"MCP_SERVER_LABEL must be letters, digits, _ or - (at most 64), got {mcp_label!r}")
@@ -376,7 +395,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         greeting=env.get("GREETING", DEFAULT_GREETING).strip(),
         dtmf=_switch(env, "DTMF", True),
         end_call_tool=_switch(env, "END_CALL_TOOL", True),
-        max_call_seconds=_number(env, "MAX_CALL_SECONDS", 3300, 1, 3600),
+        max_call_seconds=max_call_seconds,
         log_transcripts=_switch(env, "LOG_TRANSCRIPTS", False),
         twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
         public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
@@ -390,6 +409,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         transfer_to=transfer_to,
         transfer_message=env.get("TRANSFER_MESSAGE", "").strip(),
         record_calls=record_calls,
+        session_continuity=session_continuity,
+        reconnect_seconds=_number(env, "RECONNECT_SECONDS", 5, 0.5, 60),
+        session_rollover_seconds=_number(env, "SESSION_ROLLOVER_SECONDS", 3420, 1, 3500),
     )
 
 
@@ -461,7 +483,7 @@ def session_update(config: Config, persona: Persona, event_id: str) -> dict[str,
             "interrupt_response": True,
         },
     }
-    if config.log_transcripts:
+    if config.log_transcripts or config.session_continuity:  # continuity keeps the caller's words
         audio_input["transcription"] = {"model": TRANSCRIPTION_MODEL}
     session: dict[str, Any] = {
         "type": "realtime",
@@ -484,21 +506,18 @@ def respond(instructions: str) -> dict[str, Any]:
     return {"type": "response.create", "response": {"instructions": instructions}}
 
 
-def user_text(text: str, role: str = "user") -> dict[str, Any]:
-    """A text message in the conversation: from the caller's side, or a system note."""
-    return {
-        "type": "conversation.item.create",
-        "item": {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]},
-    }
+def text_message(text: str, role: str = "user") -> dict[str, Any]:
+    """A conversation item with a line of text: from the caller's side, or a system note."""
+    return {"type": "message", "role": role, "content": [{"type": "input_text", "text": text}]}
 
 
-async def connect_openai(config: Config) -> ClientConnection:
+async def connect_openai(config: Config, timeout: float | None = None) -> ClientConnection:
     """Open the Realtime WebSocket. Compression is off: base64 audio barely compresses."""
     return await connect(
         config.openai_url,
         additional_headers={"Authorization": f"Bearer {config.openai_api_key}"},
         compression=None,
-        open_timeout=config.openai_connect_timeout,
+        open_timeout=timeout or config.openai_connect_timeout,
         close_timeout=CLOSE_TIMEOUT,
         max_size=2**22,
     )
@@ -518,13 +537,13 @@ class WarmSessions:
         self.ready: collections.deque[tuple[float, ClientConnection]] = collections.deque()
         self.taken = asyncio.Event()
 
-    def take(self) -> ClientConnection | None:
-        """A configured session that is still open, if there is one (keep_ready retires old ones)."""
+    def take(self) -> tuple[float, ClientConnection] | None:
+        """A configured session that is still open, and when it opened (keep_ready retires old ones)."""
         while self.ready:
-            _, session = self.ready.popleft()
+            opened_at, session = self.ready.popleft()
             self.taken.set()
             if session.state is State.OPEN:
-                return session
+                return opened_at, session
         return None
 
     async def keep_ready(self) -> None:
@@ -708,6 +727,81 @@ class Playback:
         return Interruption(item_id, content_index, heard // BYTES_PER_MS, sent // BYTES_PER_MS)
 
 
+@dataclasses.dataclass
+class Turn:
+    """One turn of the conversation, as text."""
+
+    role: str  # "user" (the caller), "assistant" (the agent) or "system" (a note, such as a tool result)
+    text: str = ""
+    heard: float | None = None  # for an agent turn the caller cut off: the share of it they heard
+
+    @property
+    def heard_text(self) -> str:
+        """What the caller heard of it: all of it, or the words before they cut the agent off."""
+        if self.heard is None:
+            return self.text
+        words = self.text.split()[: round(len(self.text.split()) * self.heard)]
+        return " ".join(words) + " [cut off: the caller interrupted here]" if words else ""
+
+    def as_item(self) -> dict[str, Any]:
+        """The turn as a conversation item for a new session."""
+        item = text_message(self.heard_text, self.role)
+        if self.role == "assistant":
+            item["content"][0]["type"] = "output_text"
+        return {"type": "conversation.item.create", "item": item}
+
+
+class Transcript:
+    """The call's conversation as text, so that a new OpenAI session can carry it on.
+
+    Turns keep the order in which they began (a caller's turn when their speech starts,
+    the agent's when its answer starts), though their text comes later, from the
+    transcripts. Memory only, and bounded: the oldest turns go first, and all of it goes
+    when the call ends.
+    """
+
+    def __init__(self) -> None:
+        self.turns: collections.OrderedDict[str, Turn] = collections.OrderedDict()
+        self.chars = 0
+        self.notes = 0
+
+    def begin(self, key: str, role: str) -> Turn:
+        """Keep a turn's place in the conversation; its text may come later."""
+        turn = self.turns.get(key)
+        if turn is None:
+            turn = self.turns[key] = Turn(role)
+            self.forget_the_oldest()
+        return turn
+
+    def write(self, key: str, role: str, text: str) -> None:
+        turn = self.begin(key, role)
+        text = text[:MEMORY_TURN_CHARS]
+        self.chars += len(text) - len(turn.text)
+        turn.text = text
+        self.forget_the_oldest()
+
+    def forget_the_oldest(self) -> None:
+        while self.chars > MEMORY_CHARS or len(self.turns) > MEMORY_TURNS:
+            self.chars -= len(self.turns.popitem(last=False)[1].text)
+
+    def note(self, role: str, text: str) -> None:
+        """A turn that has no item of its own: a keypad press, a tool result."""
+        self.notes += 1
+        self.write(f"note {self.notes}", role, text)
+
+    def cut_off(self, key: str, heard_ms: int, sent_ms: int) -> None:
+        if key in self.turns and sent_ms > 0:
+            self.turns[key].heard = min(1.0, heard_ms / sent_ms)
+
+    def items(self) -> list[dict[str, Any]]:
+        """The conversation as items for a new session, oldest first."""
+        return [turn.as_item() for turn in self.turns.values() if turn.heard_text]
+
+    def caller_waits(self) -> bool:
+        """Did the caller say something the agent has not begun to answer?"""
+        return bool(self.turns) and next(reversed(self.turns.values())).role == "user"
+
+
 class CallLog(logging.LoggerAdapter):
     """Prefix every line with the call it belongs to, so busy logs stay readable."""
 
@@ -738,6 +832,7 @@ class Call:
         self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
         self.openai_ready = False
         self.held_audio = b""  # a caller frame waiting to be joined with the next one
+        self.held_timer: asyncio.TimerHandle | None = None  # sends it alone if no next frame comes
         self.least_lag = float("inf")  # see falling_behind()
         self.persona = persona_for_call(self.config, {})  # made the call's own at "start"
         self.told_persona: Persona | None = None  # what the OpenAI session was last told
@@ -746,13 +841,20 @@ class Call:
         self.greeted = False
         self.responding = False  # from response.create (ours) or response.created, to response.done
         self.unanswered = False  # the conversation gained something the model has yet to answer
+        self.items_added = 0
+        self.unconfirmed: set[str] = set()  # items the relay added that OpenAI has not yet confirmed
+        self.tasks: set[asyncio.Task[None]] = set()  # everything the call runs beside its pumps
         self.tools_running: set[asyncio.Task[None]] = set()
         self.playback = Playback()
+        self.transcript = Transcript()  # the conversation as text, for a new session to carry on
+        self.caller_speaking = False
+        self.sessions = 1  # OpenAI sessions this call has had
+        self.session_end_reason = ""  # why the relay itself closes a session: "rollover", "expired"
+        self.rollover: asyncio.Task[None] | None = None
+        self.gap_deadline: float | None = None  # when a call between two sessions gives up
         self.hang_up_reason = ""  # set when the relay decides to end the call
-        self.transfer_reason = ""  # set when the agent hands the caller to a person
-        self.transferred_to = ""  # masked, once Twilio has taken the transfer
+        self.transferring = False  # set when the agent hands the caller to a person
         self.ending: asyncio.Task[None] | None = None  # the hang-up or transfer under way
-        self.recording: asyncio.Task[None] | None = None
         self.warned: set[str] = set()
         self.close_code = 1000  # 1011 when OpenAI failed; either way Twilio goes on with the TwiML
         self.log = CallLog(logger, {"call": self})
@@ -781,7 +883,11 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
-            tasks = [*pumps, timer, *self.tools_running, *filter(None, [self.ending, self.recording])]
+            if self.ending is not None:  # let a hang-up or transfer that Twilio has begun finish
+                await asyncio.wait({self.ending}, timeout=TWILIO_REST_TIMEOUT)
+            if self.held_timer is not None:
+                self.held_timer.cancel()
+            tasks = [*pumps, timer, *self.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -789,12 +895,22 @@ class Call:
                 await self.openai.close()
             await self.twilio.close(self.close_code)
 
+    def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``work`` beside the pumps, as part of this call: it ends with the call."""
+        task = asyncio.ensure_future(work)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
+
     async def to_openai(self, event: dict[str, Any] | str) -> None:
         """Send an event to OpenAI, or keep it until the session is configured."""
         message = event if isinstance(event, str) else json.dumps(event)
         if self.openai_ready:
-            await self.openai.send(message)  # type: ignore[union-attr]
-            return
+            try:
+                await self.openai.send(message)  # type: ignore[union-attr]
+                return
+            except ConnectionClosed:  # the OpenAI pump decides whether a new session takes over
+                self.openai_ready = False
         if len(self.early) == self.early.maxlen:
             self.stats.dropped["early_audio_overflow"] += 1
             if "early audio overflow" not in self.warned:
@@ -841,14 +957,13 @@ class Call:
         elif kind == "dtmf":
             await self.on_dtmf(event)
         elif kind == "stop":
-            if self.transferred_to:
-                self.log.info("transferred to %s (Twilio stopped the stream)", self.transferred_to)
+            if self.transferring:
+                self.log.info("Twilio stopped the stream: the call is being transferred")
             elif self.hang_up_reason:
                 self.log.info("Twilio stopped the stream: the relay is hanging up")
             else:
                 self.log.info("the caller hung up (Twilio stopped the stream)")
-            if self.held_audio:
-                await self.send_caller_audio(binascii.b2a_base64(self.held_audio, newline=False).decode())
+            await self.send_held_audio()
             return False
         elif kind == "connected":
             self.log.debug("Twilio connected")
@@ -877,7 +992,7 @@ class Call:
         self.persona = persona_for_call(self.config, self.parameters)
         self.stream_started.set()
         if self.config.record_calls and self.call_sid:
-            self.recording = asyncio.create_task(self.record())
+            self.spawn(self.record())
         if self.told_persona is not None:  # the session was configured before "start" came
             await self.configure_session()
         await self.greet()
@@ -899,12 +1014,22 @@ class Call:
         self.stats.frames_in += 1
         self.stats.bytes_in += len(audio)
         if self.held_audio:
+            self.held_timer.cancel()  # type: ignore[union-attr]
             audio, self.held_audio = self.held_audio + audio, b""
             payload = binascii.b2a_base64(audio, newline=False).decode()
         elif self.falling_behind(media):
             self.held_audio = audio  # sent with the next frame, which is most likely already here
+            self.held_timer = asyncio.get_running_loop().call_later(
+                FRAME_SECONDS, lambda: self.spawn(self.send_held_audio())
+            )
             return
         await self.send_caller_audio(payload)
+
+    async def send_held_audio(self) -> None:
+        """Send a held frame on its own: no next frame came to join it within a frame's time."""
+        if self.held_audio:
+            audio, self.held_audio = self.held_audio, b""
+            await self.send_caller_audio(binascii.b2a_base64(audio, newline=False).decode())
 
     async def send_caller_audio(self, payload: str) -> None:
         # The payload is valid base64, so it can go into the JSON as it is.
@@ -944,8 +1069,9 @@ class Call:
         if not self.config.dtmf:
             return
         self.log.info("the caller pressed a key")  # not which one: it may be a PIN
-        await self.to_openai(user_text(f"The caller pressed {digit} on the keypad."))
-        self.unanswered = True
+        press = f"The caller pressed {digit} on the keypad."
+        await self.add_to_conversation(text_message(press))
+        self.transcript.note("user", press)
         await self.answer_when_free()
 
     def bad_input(self, problem: str, detail: str) -> None:
@@ -958,36 +1084,152 @@ class Call:
     # OpenAI -> Twilio
 
     async def openai_to_twilio(self) -> None:
-        """Connect to OpenAI, configure the session, then forward the agent's audio to Twilio."""
+        """Open the OpenAI session, then forward the agent's audio to Twilio.
+
+        With SESSION_CONTINUITY a session that drops, expires or is due for its planned
+        rollover is replaced, and the call goes on; otherwise its end ends the call.
+        """
+        if not await self.open_session(deadline=None):  # a refusal at call start fails fast
+            return
+        while reason := await self.forward_agent_audio():
+            if not await self.restore_session(reason):
+                return
+
+    async def open_session(self, deadline: float | None, history: list[dict[str, Any]] | None = None) -> bool:
+        """Take a warm session or dial one, configure it and tell it ``history``.
+
+        Without a ``deadline`` the first failure ends the call. With one, failures are
+        retried with a short backoff until then, except a 401 or 403: a key problem
+        that retrying cannot mend. A failure is logged, counted, and hands the call back
+        to Twilio.
+        """
+        backoff = 0.1
+        while True:
+            problem, retry = await self.try_session(deadline, history or [])
+            if not problem:
+                return True
+            if not retry or deadline is None or time.monotonic() + backoff >= deadline:
+                self.openai_failed(problem)
+                return False
+            self.log.warning("OpenAI %s: trying again", problem)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 1.0)
+
+    async def try_session(self, deadline: float | None, history: list[dict[str, Any]]) -> tuple[str, bool]:
+        """One attempt at a configured session; returns what went wrong and whether to retry."""
         warm = self.relay.warm.take()
-        if warm is not None:
-            self.openai = warm
-            self.told_persona, self.updates_unanswered = persona_for_call(self.config, {}), 1
-            self.log.info("OpenAI connected: using a warm session")
-        else:
-            started = time.monotonic()
-            try:
-                self.openai = await connect_openai(self.config)
-            except InvalidStatus as refused:
-                return self.openai_failed(f"refused the connection: HTTP {refused.response.status_code}")
-            except TimeoutError:
-                return self.openai_failed(f"did not answer within {self.config.openai_connect_timeout:g} s")
-            except (OSError, InvalidHandshake) as error:
-                return self.openai_failed(f"could not be reached: {error}")
-            connect_seconds = time.monotonic() - started
-            self.stats.openai_connect.observe(connect_seconds)
-            self.log.info("OpenAI connected in %.0f ms", connect_seconds * 1000)
+        timeout = self.config.openai_connect_timeout
         try:
+            if warm is not None:
+                opened_at, self.openai = warm
+                self.told_persona, self.updates_unanswered = persona_for_call(self.config, {}), 1
+                self.log.info("OpenAI connected: using a warm session")
+            else:
+                if deadline is not None:
+                    timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+                started = time.monotonic()
+                self.openai = await connect_openai(self.config, timeout)
+                self.stats.openai_connect.observe(time.monotonic() - started)
+                self.log.info("OpenAI connected in %.0f ms", (time.monotonic() - started) * 1000)
+                opened_at, self.told_persona, self.updates_unanswered = started, None, 0
             await self.configure_session()
+            for event in history:
+                await self.openai.send(json.dumps(event))
+        except InvalidStatus as refused:
+            status = refused.response.status_code
+            return f"refused the connection: HTTP {status}", status not in (401, 403)
+        except TimeoutError:
+            return f"did not answer within {timeout:g} s", True
+        except ConnectionClosed as closed:
+            return f"closed the new session at once: {closed}", True
+        except (OSError, InvalidHandshake) as error:
+            return f"could not be reached: {error}", True
+        if self.config.session_continuity:
+            if self.rollover is not None:
+                self.rollover.cancel()
+            self.rollover = self.spawn(self.roll_over(opened_at + self.config.session_rollover_seconds))
+        return "", False
+
+    async def forward_agent_audio(self) -> str:
+        """Carry one session's events to Twilio until it ends; return why, if the call goes on."""
+        openai = self.openai
+        assert openai is not None
+        try:
             await self.send_early_audio()
-            async for message in self.openai:
+            async for message in openai:
                 await self.on_openai_message(message)
         except ConnectionClosed:
-            if self.openai.state is State.OPEN:
-                return  # Twilio went away while we were sending: its pump ends the call
-        self.openai_failed(
-            f"closed the session mid-call: code {self.openai.close_code} {self.openai.close_reason!r}"
-        )
+            if openai.state is State.OPEN:
+                return ""  # Twilio went away while we were sending: its pump ends the call
+        if self.hang_up_reason or self.transferring:  # the agent had finished: end the call as it asked
+            self.responding = False
+            await self.answer_when_free()
+        ending = self.ending
+        if ending is not None:
+            await asyncio.wait({ending})
+            if self.ending is not None:
+                return ""  # hung up or transferred
+        reason, self.session_end_reason = self.session_end_reason or "dropped", ""
+        what = f"closed the session mid-call: code {openai.close_code} {openai.close_reason!r}"
+        if not self.config.session_continuity:
+            self.openai_failed(what)
+            return ""
+        if reason == "dropped":
+            self.relay.count_error("openai_connection")
+            self.log.warning("OpenAI %s: carrying the call over to a new session", what)
+        return reason
+
+    async def restore_session(self, reason: str) -> bool:
+        """Carry the call over to a new OpenAI session, within RECONNECT_SECONDS.
+
+        The phone is cleared of the old session's audio (its items are gone with it). The
+        caller's audio waits in ``early`` meanwhile, as at call start, and goes to the new
+        session after the conversation so far (as text) and, if the agent owed an answer,
+        one ``response.create``: if the caller spoke during the gap, that speech
+        interrupts the pick-up line as any barge-in does, and the agent answers it.
+        """
+        gap_started = time.monotonic()
+        if self.gap_deadline is None or self.session_configured:  # else the last restore never took
+            self.gap_deadline = gap_started + self.config.reconnect_seconds
+        self.openai_ready = False
+        agent_was_talking = self.responding or not self.playback.drained.is_set()
+        cut = self.playback.interrupt()
+        if cut is not None:
+            await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+            self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
+        self.sessions += 1  # tools still running answer in the conversation instead
+        history = self.transcript.items()
+        waiting = agent_was_talking or self.unanswered or self.transcript.caller_waits()
+        pick_up = [respond(PICK_UP_AFTER_DROP)] if waiting else []
+        # The pick-up answers everything so far. Nothing asks the gap for a response: what
+        # it adds to the conversation waits in ``early`` and is answered after the pick-up.
+        self.responding, self.unanswered = True, False
+        self.unconfirmed.clear()
+        if not await self.open_session(self.gap_deadline, history + pick_up):
+            return False
+        self.responding = waiting
+        await self.answer_when_free()
+        self.stats.reconnects[reason] += 1
+        self.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
+                      "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
+                      len(history), ", the agent picks up" if waiting else "")
+        return True
+
+    async def roll_over(self, due: float) -> None:
+        """Move the call to a fresh session before OpenAI's 60-minute limit ends this one.
+
+        It waits for a moment when neither side is speaking, if one comes within a minute,
+        then closes the session; ``restore_session`` carries the call on.
+        """
+        await asyncio.sleep(due - time.monotonic())
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ROLLOVER_QUIET_WAIT):
+                while self.responding or self.caller_speaking or not self.playback.drained.is_set():
+                    await asyncio.sleep(0.1)
+        self.log.info("moving the call to a new OpenAI session before this one reaches its time limit")
+        self.session_end_reason = "rollover"
+        self.rollover = None  # this task ends with the old session; the new one gets its own
+        await self.openai.close()  # type: ignore[union-attr]
 
     async def configure_session(self) -> None:
         """Tell OpenAI who the agent is on this call, unless it knows already.
@@ -1029,10 +1271,24 @@ class Call:
         if kind == "response.output_audio.delta":
             await self.send_audio(event)
         elif kind == "input_audio_buffer.speech_started":
+            self.caller_speaking = True
+            if isinstance(event.get("item_id"), str):
+                self.transcript.begin(event["item_id"], "user")
             await self.on_caller_speech()
+        elif kind == "input_audio_buffer.speech_stopped":
+            self.caller_speaking = False
+        elif kind == "response.output_item.added":
+            item = event.get("item")
+            if isinstance(item, dict) and item.get("role") == "assistant" and isinstance(item.get("id"), str):
+                self.transcript.begin(item["id"], "assistant")
         elif kind == "response.created":
             self.responding = True
-            self.unanswered = False  # this response sees everything added so far
+            if not self.unconfirmed:  # it sees everything the relay added (OpenAI keeps the order)
+                self.unanswered = False
+        elif kind == "conversation.item.added":
+            item = event.get("item")
+            if isinstance(item, dict):
+                self.unconfirmed.discard(item.get("id"))  # type: ignore[arg-type]
         elif kind == "response.output_item.done":
             await self.on_output_item(event.get("item"))
         elif kind in ("response.output_audio.done", "response.done"):
@@ -1048,10 +1304,14 @@ class Call:
             self.updates_unanswered = max(0, self.updates_unanswered - 1)
             self.log.info("session configured: voice %s", self.told_persona.voice)  # type: ignore[union-attr]
             await self.greet()
+        elif kind == "conversation.item.done":
+            await self.on_conversation_item(event.get("item"))
         elif kind in MCP_EVENTS:
             self.on_mcp_event(kind, event)
-        elif self.config.log_transcripts:
-            self.log_transcript(kind, event)
+        elif kind == "conversation.item.input_audio_transcription.completed":
+            self.on_transcript("user", "caller", event)
+        elif kind == "response.output_audio_transcript.done":
+            self.on_transcript("assistant", "agent", event)
 
     async def send_audio(self, event: dict[str, Any]) -> None:
         """Forward one chunk of the agent's voice, with a mark to learn when it has been heard."""
@@ -1089,6 +1349,7 @@ class Call:
                 "audio_end_ms": cut.heard_ms,
             }
         )
+        self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
         self.stats.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
 
@@ -1100,9 +1361,25 @@ class Call:
         await self.ask_for_response(f"Greet the caller by saying exactly this: {self.persona.greeting}")
 
     async def ask_for_response(self, instructions: str = "") -> None:
-        """Send response.create; callers check first that no response is active."""
-        self.responding = True
+        """Send response.create; callers check first that no response is active.
+
+        The response sees everything sent before it, so nothing is left unanswered.
+        """
+        self.responding, self.unanswered = True, False
+        self.unconfirmed.clear()
         await self.to_openai(respond(instructions) if instructions else {"type": "response.create"})
+
+    async def add_to_conversation(self, item: dict[str, Any]) -> None:
+        """Give the model something to answer: a tool's output, a keypad press, a note.
+
+        The item gets an id of the relay's own, so that OpenAI's confirmation tells
+        whether a response that starts meanwhile has seen it (see response.created).
+        """
+        self.items_added += 1
+        item["id"] = f"relay_{self.items_added}"
+        self.unconfirmed.add(item["id"])
+        self.unanswered = True
+        await self.to_openai({"type": "conversation.item.create", "item": item})
 
     async def answer_when_free(self) -> None:
         """Once no tool runs and no response is active: hang up if asked to, or answer.
@@ -1114,8 +1391,8 @@ class Call:
             return
         if self.hang_up_reason:
             self.start_hang_up()
-        elif self.transfer_reason:
-            self.ending = asyncio.create_task(self.transfer())
+        elif self.transferring:
+            self.ending = self.spawn(self.transfer())
         elif self.unanswered:
             await self.ask_for_response()
 
@@ -1123,44 +1400,55 @@ class Call:
         """Hang up once the current answer has been played (for tools such as end_call)."""
         self.hang_up_reason = reason
 
-    def transfer_after_answer(self, reason: str) -> None:
+    def transfer_after_answer(self) -> None:
         """Transfer the caller to TRANSFER_TO once the current answer has been played."""
-        self.transfer_reason = reason
+        self.transferring = True
 
     async def on_output_item(self, item: Any) -> None:
-        """The model finished an output item: run function calls; MCP items are only logged."""
+        """The model finished an output item: run function calls, note MCP calls."""
         if not isinstance(item, dict):
             return
         kind = item.get("type")
         if kind == "function_call":
-            task = asyncio.create_task(self.run_tool(item))
+            task = self.spawn(self.run_tool(item))
             self.tools_running.add(task)
         elif kind == "mcp_call":
-            if item.get("error"):
-                self.log.warning("MCP tool %s on %s failed: %s", item.get("name"), item.get("server_label"),
-                                 str(item.get("error"))[:200])
-            else:
-                self.log.info("MCP tool %s on %s: ok", item.get("name"), item.get("server_label"))
-        elif kind == "mcp_approval_request":
+            # OpenAI ran it, but does not answer with its result by itself.
+            self.unanswered = True
+            error = item.get("error")
+            outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
+            self.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
+                          outcome if error else "ok")
+
+    async def on_conversation_item(self, item: Any) -> None:
+        """MCP items that come outside a response: the server's tool list, approval requests."""
+        if not isinstance(item, dict):
+            return
+        if item.get("type") == "mcp_list_tools":
+            tools = item.get("tools")
+            self.log.info("MCP server %s offers %d tool(s)", item.get("server_label"),
+                          len(tools) if isinstance(tools, list) else 0)
+        elif item.get("type") == "mcp_approval_request":
             await self.deny_approval(item)
 
     async def run_tool(self, item: dict[str, Any]) -> None:
         """Run one function call, give the model its output, then let it speak the results."""
         name = str(item.get("name"))
-        started = time.monotonic()
+        started, session = time.monotonic(), self.sessions
         try:
             outcome, output = await self.call_tool(name, item.get("arguments"))
             seconds = time.monotonic() - started
             self.stats.tool_calls[name if name in TOOLS else "unknown", outcome] += 1
             self.stats.tool_seconds.observe(seconds)
             self.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
-            await self.to_openai(
-                {
-                    "type": "conversation.item.create",
-                    "item": {"type": "function_call_output", "call_id": item.get("call_id"), "output": output},
-                }
-            )
-            self.unanswered = True
+            summary = f"The {name} tool was called with {item.get('arguments')} and returned: {output}"
+            self.transcript.note("system", summary)
+            if session == self.sessions:
+                await self.add_to_conversation(
+                    {"type": "function_call_output", "call_id": item.get("call_id"), "output": output}
+                )
+            else:  # the call moved to a new session, which never saw the function call
+                await self.add_to_conversation(text_message(summary, role="system"))
         except ConnectionClosed:
             return  # OpenAI is gone; the pumps end the call
         finally:
@@ -1204,7 +1492,9 @@ class Call:
         await self.to_openai(
             {
                 "type": "conversation.item.create",
-                "item": {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False},
+                "item": {"type": "mcp_approval_response", "id": f"mcp_approval_{item.get('id')}",
+                         "approval_request_id": item.get("id"), "approve": False,
+                         "reason": "Tool calls cannot be approved during a phone call."},
             }
         )
 
@@ -1240,7 +1530,7 @@ class Call:
 
     def start_hang_up(self) -> None:
         if self.ending is None:
-            self.ending = asyncio.create_task(self.hang_up())
+            self.ending = self.spawn(self.hang_up())
 
     async def hang_up(self) -> None:
         """Let the goodbye finish playing, then end the call.
@@ -1264,19 +1554,18 @@ class Call:
         """
         await self.let_playback_finish("the handover line")
         target = masked(self.config.transfer_to)
-        self.log.info("transferring to %s: %s", target, self.transfer_reason)
+        self.log.info("transferring to %s", target)
         try:
             await self.twilio_rest("transfer", f"Calls/{self.call_sid}.json", {"Twiml": transfer_twiml(self.config)})
         except TwilioError as error:
             self.stats.transfers["failed"] += 1
-            self.transfer_reason, self.ending = "", None
+            self.transferring, self.ending = False, None
             note = f"The transfer failed: {error}. Apologise to the caller and go on helping them yourself."
-            await self.to_openai(user_text(note, role="system"))
-            self.unanswered = True
+            await self.add_to_conversation(text_message(note, role="system"))
             await self.answer_when_free()
             return
         self.stats.transfers["ok"] += 1
-        self.transferred_to = target
+        self.log.info("transferred to %s", target)
 
     async def record(self) -> None:
         """Start recording the call, caller and agent on separate channels."""
@@ -1318,14 +1607,21 @@ class Call:
             self.updates_unanswered = max(0, self.updates_unanswered - 1)
             await self.greet()
         if error.get("code") == "session_expired":
-            self.hang_up_reason = "the OpenAI session expired"
-            self.start_hang_up()
+            if self.config.session_continuity:  # the planned rollover came too late: carry on anyway
+                self.session_end_reason = "expired"
+                await self.openai.close()  # type: ignore[union-attr]
+            else:
+                self.hang_up_reason = "the OpenAI session expired"
+                self.start_hang_up()
 
-    def log_transcript(self, kind: str, event: dict[str, Any]) -> None:
-        if kind == "conversation.item.input_audio_transcription.completed":
-            self.log.info("caller: %s", event.get("transcript", ""))
-        elif kind == "response.output_audio_transcript.done":
-            self.log.info("agent: %s", event.get("transcript", ""))
+    def on_transcript(self, role: str, who: str, event: dict[str, Any]) -> None:
+        """Keep what was said for a new session; log it only if LOG_TRANSCRIPTS asks."""
+        text, item_id = event.get("transcript"), event.get("item_id")
+        if not isinstance(text, str) or not isinstance(item_id, str):
+            return
+        self.transcript.write(item_id, role, text)
+        if self.config.log_transcripts:
+            self.log.info("%s: %s", who, text)
 
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
@@ -1375,6 +1671,7 @@ class Stats:
     )
     tool_calls: collections.Counter[tuple[str, str]] = dataclasses.field(default_factory=collections.Counter)
     transfers: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     tool_seconds: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     )
@@ -1388,6 +1685,7 @@ class Relay:
         self.stats = Stats()
         self.calls: set[Call] = set()
         self.warm = WarmSessions(config)
+        self.draining = False  # set at shutdown: running calls finish, new ones are refused
 
     def count_error(self, kind: str) -> None:
         self.stats.errors[kind] += 1
@@ -1403,6 +1701,10 @@ class Relay:
             return json_response(self.health(), head=request.method == "HEAD")
         if path == "/metrics":
             return text_response(self.metrics(), "text/plain; version=0.0.4; charset=utf-8")
+        if path == "/ready":
+            readiness = self.readiness()
+            status = 200 if readiness["status"] == "ready" else 503
+            return json_response(readiness, status, head=request.method == "HEAD")
         websocket = header(request, "Upgrade").lower() == "websocket"
         if path != "/twiml" and not websocket:
             return connection.respond(
@@ -1414,8 +1716,9 @@ class Relay:
             return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
         if path == "/twiml" and not websocket:
             return text_response(self.twiml(request), "text/xml")
-        if len(self.calls) >= self.config.max_calls:
-            response = self.refuse(connection, request, "capacity", 503, "Too many calls; try again soon.\n")
+        if self.draining or len(self.calls) >= self.config.max_calls:
+            reason, why = ("draining", "The relay is shutting down") if self.draining else ("capacity", "Too many calls")
+            response = self.refuse(connection, request, reason, 503, f"{why}; try again soon.\n")
             response.headers["Retry-After"] = "5"
             return response
         return None
@@ -1487,6 +1790,16 @@ class Relay:
             "openai_configured": True,
         }
 
+    def readiness(self) -> dict[str, Any]:
+        """For a load balancer: may this instance be sent another call? 503 when it may not."""
+        if self.draining:
+            state = "draining"
+        elif len(self.calls) >= self.config.max_calls:
+            state = "full"
+        else:
+            state = "ready"
+        return {"status": state, "calls": len(self.calls), "max_calls": self.config.max_calls}
+
     def metrics(self) -> str:
         """The Prometheus text format, written by hand: it is a few lines of text."""
         stats = self.stats
@@ -1524,6 +1837,8 @@ class Relay:
                stats.tool_seconds.lines("relay_tool_call_seconds"))
         metric("relay_transfers_total", "counter", "Transfers to TRANSFER_TO, by outcome.",
                labelled("relay_transfers_total", "outcome", stats.transfers))
+        metric("relay_openai_reconnects_total", "counter", "Calls carried over to a new OpenAI session, by reason.",
+               labelled("relay_openai_reconnects_total", "reason", stats.reconnects))
         return "\n".join(lines) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
@@ -1572,7 +1887,7 @@ def connect_stream(url: str, parameters: Mapping[str, str]) -> str:
     return f"<Connect><Stream url={quote(url)}>{inner}</Stream></Connect>"
 
 
-def text_response(body: str, content_type: str) -> Response:
+def text_response(body: str, content_type: str, status: int = 200) -> Response:
     data = body.encode()
     headers = Headers(
         [
@@ -1582,11 +1897,11 @@ def text_response(body: str, content_type: str) -> Response:
             ("Connection", "close"),
         ]
     )
-    return Response(200, "OK", headers, data)
+    return Response(status, http.HTTPStatus(status).phrase, headers, data)
 
 
-def json_response(body: dict[str, Any], head: bool = False) -> Response:
-    response = text_response(json.dumps(body), "application/json")
+def json_response(body: dict[str, Any], status: int = 200, head: bool = False) -> Response:
+    response = text_response(json.dumps(body), "application/json", status)
     if head:
         response = dataclasses.replace(response, body=b"")
     return response
@@ -1635,25 +1950,36 @@ class UTCFormatter(logging.Formatter):
 
 
 def setup_logging(level: str) -> None:
+    """The relay's own lines at LOG_LEVEL; websockets' only at DEBUG, or when something is wrong.
+
+    websockets logs every connection and every HTTP answer at INFO: two lines per health
+    probe, which a load balancer sends every few seconds.
+    """
     handler = logging.StreamHandler()
     handler.setFormatter(UTCFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level, handlers=[handler])
+    logging.getLogger("websockets").setLevel(level if level == "DEBUG" else "WARNING")
 
 
-async def drain(server: Server, relay: Relay) -> None:
-    """Stop taking calls, give running calls DRAIN_SECONDS to finish, then close the rest."""
-    server.close(close_connections=False)
+async def drain(relay: Relay) -> None:
+    """Stop taking calls, give running calls DRAIN_SECONDS to finish, then close the rest.
+
+    The relay goes on answering meanwhile: /ready says 503 and new calls are refused
+    with 503, so a load balancer sends them elsewhere.
+    """
+    relay.draining = True
     logger.info(
         "shutting down: no new calls; waiting up to %g s for %d active call(s)",
         relay.config.drain_seconds, len(relay.calls),
     )
+    running = [call.twilio for call in relay.calls]
     try:
         async with asyncio.timeout(relay.config.drain_seconds):
-            await server.wait_closed()
+            await asyncio.gather(*(twilio.wait_closed() for twilio in running))
     except TimeoutError:
-        remaining = list(server.connections)
+        remaining = [twilio for twilio in running if twilio.state is not State.CLOSED]
         logger.info("closing %d call(s) that are still running", len(remaining))
-        await asyncio.gather(*(c.close(1012, "relay restarting") for c in remaining))
+        await asyncio.gather(*(twilio.close(1012, "relay restarting") for twilio in remaining))
 
 
 def keep_read_buffers_off_mmap() -> None:
@@ -1713,7 +2039,7 @@ async def main() -> None:
             port, config.host, port, config.host, port,
         )
         await stop.wait()
-        await drain(server, relay)
+        await drain(relay)
     stats = relay.stats
     logger.info(
         "stopped: %d call(s) served, %d error(s), up %.0f s",

@@ -43,7 +43,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.client import ClientProtocol
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -132,6 +132,7 @@ class FakeOpenAI:
         self.sessions: list[FakeSession] = []
         self.refuse_status: int | None = None
         self.handshake_delay = 0.0
+        self.handshakes = 0  # attempts, refused ones included
         self.echo_audio = False  # answer each append with the same audio as a delta
         self.configure = asyncio.Event()  # cleared: hold back session.updated until set
         self.configure.set()
@@ -148,6 +149,7 @@ class FakeOpenAI:
         return f"http://127.0.0.1:{self.port}/v1"
 
     async def check(self, connection: ServerConnection, request: Request) -> Response | None:
+        self.handshakes += 1
         if self.handshake_delay:
             await asyncio.sleep(self.handshake_delay)
         if self.refuse_status:
@@ -396,6 +398,17 @@ async def http_get(port: int, path: str, method: str = "GET", headers: str = "")
     return status, fields, body
 
 
+async def ready_status(port: int) -> int:
+    return (await http_get(port, "/ready"))[0]
+
+
+async def eventually_async(probe: Callable[[], Awaitable[Any]], wanted: Any, limit: float = 5.0) -> None:
+    """Wait until ``await probe()`` gives ``wanted`` (polling), or fail the test."""
+    async with asyncio.timeout(limit):
+        while await probe() != wanted:
+            await asyncio.sleep(0.02)
+
+
 async def health(the_relay: relay.Relay) -> dict[str, Any]:
     status, _, body = await http_get(the_relay.port, "/health")  # type: ignore[attr-defined]
     assert status == 200
@@ -432,7 +445,11 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"LOG_LEVEL": "CHATTY"}, "LOG_LEVEL"),
         ({"DTMF": "maybe"}, "DTMF"),
         ({"LOG_TRANSCRIPTS": "2"}, "LOG_TRANSCRIPTS"),
-        ({"MAX_CALL_SECONDS": "7200"}, "MAX_CALL_SECONDS"),
+        ({"MAX_CALL_SECONDS": "20000"}, "MAX_CALL_SECONDS must be between 1 and 14400"),
+        ({"MAX_CALL_SECONDS": "7200", "SESSION_CONTINUITY": "off"}, "MAX_CALL_SECONDS above 3600 needs SESSION_CONT"),
+        ({"SESSION_CONTINUITY": "sometimes"}, "SESSION_CONTINUITY"),
+        ({"RECONNECT_SECONDS": "0"}, "RECONNECT_SECONDS"),
+        ({"SESSION_ROLLOVER_SECONDS": "3590"}, "SESSION_ROLLOVER_SECONDS"),
         ({"MCP_SERVER_URL": "http://mcp.example.com"}, "MCP_SERVER_URL must be an https:// URL"),
         ({"MCP_SERVER_URL": "https://"}, "MCP_SERVER_URL"),
         ({"MCP_SERVER_LABEL": "my tools"}, "MCP_SERVER_LABEL"),
@@ -617,19 +634,21 @@ def test_no_caller_audio_is_lost_while_openai_is_slow_to_answer() -> None:
     run(scenario)
 
 
+def media_frame(twilio: FakeTwilio, index: int, timestamp: int) -> dict[str, Any]:
+    """Frame ``index`` of caller audio, stamped with ``timestamp`` (ms into the stream)."""
+    return {"event": "media", "streamSid": twilio.stream_sid,
+            "media": {"track": "inbound", "chunk": str(index), "timestamp": str(timestamp),
+                      "payload": audio(twilio.number, index)}}
+
+
 def test_frames_handled_late_are_joined_in_pairs_and_nothing_is_lost() -> None:
     async def scenario() -> None:
         async with one_call() as (_, _, twilio, session):
-            def frame(index: int, timestamp: int) -> dict[str, Any]:
-                return {"event": "media", "streamSid": twilio.stream_sid,
-                        "media": {"track": "inbound", "chunk": str(index), "timestamp": str(timestamp),
-                                  "payload": audio(1, index)}}
-
-            await twilio.send(frame(0, 0))  # on time
+            await twilio.send(media_frame(twilio, 0, timestamp=0))  # on time
             await eventually(lambda: len(session.appended()) == 1)
             await asyncio.sleep(0.1)  # the next frames are stamped as if 100 ms had not passed
             for index in range(1, 8):
-                await twilio.send(frame(index, 20))
+                await twilio.send(media_frame(twilio, index, timestamp=20))
             await twilio.stop()  # sends the last frame, still waiting for a partner
             await twilio.closed.wait()
             frames = [audio(1, i) for i in range(8)]
@@ -674,15 +693,16 @@ def test_twilio_stop_closes_openai_and_leaves_no_task_behind() -> None:
     run(scenario)
 
 
-def test_openai_hanging_up_mid_call_closes_twilio(caplog: pytest.LogCaptureFixture) -> None:
+def test_without_continuity_openai_hanging_up_mid_call_closes_twilio(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
-        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+        async with FakeOpenAI().running() as fake, running_relay(fake, SESSION_CONTINUITY="off") as (the_relay, url):
             twilio = await FakeTwilio(url).open()
             session = await fake.session()
             await session.ws.close(1011, "server trouble")
             await twilio.closed.wait()
             assert twilio.close_code == 1011
             assert (await health(the_relay))["errors"] == 1
+            assert fake.handshakes == 1  # no second session
             await twilio.shutdown()
 
     with caplog.at_level(logging.INFO, logger="relay"):
@@ -1026,11 +1046,14 @@ def test_end_call_hangs_up_after_the_goodbye_has_played(caplog: pytest.LogCaptur
             assert twilio.played_bytes == 5 * CHUNK_MS * 8  # every byte was heard first
             assert twilio.close_code == 1000
             outputs = [e["item"] for e in session.of_type("conversation.item.create")]
-            assert outputs == [{"type": "function_call_output", "call_id": "call_42", "output": '{"ok": true}'}]
+            assert outputs == [{"type": "function_call_output", "call_id": "call_42", "output": '{"ok": true}',
+                                "id": "relay_1"}]
 
     with caplog.at_level(logging.INFO, logger="relay"):
         run(scenario)
-    assert any("hanging up: the agent ended the call (the caller said goodbye)" in r.message for r in caplog.records)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("hanging up: the agent ended the call" in line for line in lines)
+    assert not any("the caller said goodbye" in line for line in lines)  # the model's words: DEBUG only
 
 
 def test_end_call_tool_can_be_turned_off() -> None:
@@ -1066,9 +1089,11 @@ def test_max_call_seconds_says_goodbye_then_hangs_up(caplog: pytest.LogCaptureFi
     assert any("hanging up: the call reached MAX_CALL_SECONDS (1 s)" in r.message for r in caplog.records)
 
 
-def test_an_expired_openai_session_ends_the_call_cleanly(caplog: pytest.LogCaptureFixture) -> None:
+def test_without_continuity_an_expired_openai_session_ends_the_call_cleanly(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async def scenario() -> None:
-        async with one_call() as (_, _, twilio, session):
+        async with one_call(SESSION_CONTINUITY="off") as (_, _, twilio, session):
             await session.send({"type": "error", "error": {
                 "type": "invalid_request_error", "code": "session_expired",
                 "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
@@ -1083,9 +1108,11 @@ def test_an_expired_openai_session_ends_the_call_cleanly(caplog: pytest.LogCaptu
 @pytest.mark.parametrize("on", [True, False])
 def test_transcripts_are_logged_only_when_asked(on: bool, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
-        async with one_call(LOG_TRANSCRIPTS="on" if on else "off") as (_, _, twilio, session):
+        async with one_call(LOG_TRANSCRIPTS="on" if on else "off", SESSION_CONTINUITY="off") as (
+            _, _, twilio, session
+        ):
             audio_input = session.of_type("session.update")[0]["session"]["audio"]["input"]
-            assert ("transcription" in audio_input) is on
+            assert ("transcription" in audio_input) is on  # continuity, off here, would turn it on too
             await session.send({"type": "conversation.item.input_audio_transcription.completed",
                                 "item_id": "item_u", "content_index": 0, "transcript": "I need a taxi"})
             await session.send({"type": "response.output_audio_transcript.done", "item_id": "item_a",
@@ -1648,17 +1675,25 @@ def test_a_remote_mcp_server_is_offered_and_its_failures_are_logged(caplog: pyte
             await session.send({"type": "mcp_list_tools.failed", "event_id": "ev_1", "item_id": "item_list"})
             await session.send({"type": "response.mcp_call.failed", "event_id": "ev_2", "item_id": "item_mcp1",
                                 "output_index": 0})
+            await session.send({"type": "conversation.item.done", "item": {
+                "id": "item_list", "type": "mcp_list_tools", "server_label": "crm",
+                "tools": [{"name": "find_customer", "input_schema": {}}, {"name": "book_visit", "input_schema": {}}]}})
+            await response_created(session, "resp_1")
             await session.send({"type": "response.output_item.done", "response_id": "resp_1", "output_index": 0,
                                 "item": {"id": "item_mcp2", "type": "mcp_call", "server_label": "crm",
                                          "name": "find_customer", "arguments": '{"phone": "+15550001111"}',
                                          "output": "Ann Smith"}})
-            await session.send({"type": "response.output_item.done", "response_id": "resp_1", "output_index": 1,
-                                "item": {"id": "item_ask", "type": "mcp_approval_request", "server_label": "crm",
-                                         "name": "book_visit", "arguments": "{}"}})
+            await session.send({"type": "conversation.item.done", "item": {
+                "id": "item_ask", "type": "mcp_approval_request", "server_label": "crm",
+                "name": "book_visit", "arguments": "{}"}})
             await eventually(lambda: bool(session.of_type("conversation.item.create")))
             (denial,) = session.of_type("conversation.item.create")
-            assert denial["item"] == {"type": "mcp_approval_response", "approval_request_id": "item_ask",
-                                      "approve": False}
+            assert denial["item"]["type"] == "mcp_approval_response"
+            assert (denial["item"]["approval_request_id"], denial["item"]["approve"]) == ("item_ask", False)
+            await asyncio.sleep(0.1)
+            assert not session.of_type("response.create")  # not while resp_1 is active
+            await response_done(session, "resp_1")  # OpenAI does not speak MCP results by itself
+            await eventually(lambda: len(session.of_type("response.create")) == 1)
             await session.say("item_a", speech(1, 1))  # the call goes on
             await eventually(lambda: len(twilio.media) == 1)
             assert the_relay.stats.errors["mcp_list_tools"] == 1
@@ -1669,6 +1704,7 @@ def test_a_remote_mcp_server_is_offered_and_its_failures_are_logged(caplog: pyte
     assert any(level == logging.ERROR and "crm" in line and "https://mcp.example.com/mcp" in line
                for level, line in lines)
     assert any(level == logging.WARNING and "MCP tool call on crm failed" in line for level, line in lines)
+    assert any(level == logging.INFO and "MCP server crm offers 2 tool(s)" in line for level, line in lines)
     assert any(level == logging.INFO and "MCP tool find_customer on crm: ok" in line for level, line in lines)
     assert any(level == logging.WARNING and "book_visit: denied" in line for level, line in lines)
     assert not any(token in line or "+15550001111" in line.split("]", 1)[-1] for _, line in lines)
@@ -1881,7 +1917,8 @@ def no_secrets_in(lines: list[str]) -> bool:
 @pytest.mark.parametrize("ending", ["end_call", "session_expired"])
 def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
-        async with rest_call() as (rest, the_relay, twilio, session):
+        # Without continuity: with it, an expired session is replaced instead (tested below).
+        async with rest_call(SESSION_CONTINUITY="off") as (rest, the_relay, twilio, session):
             await session.say("item_bye", speech(1, 5))  # a 500 ms goodbye
             if ending == "end_call":
                 await call_end_call(session)
@@ -2110,6 +2147,256 @@ def test_the_benchmark_runs_and_the_relay_loses_nothing(profile: str) -> None:
     assert result["relay_cpu"] > 0 and result["kib_per_call"] > 0
 
 
+# A call survives OpenAI: session continuity, /ready --------------------------------------------------
+
+
+async def caller_said(session: FakeSession, item_id: str, text: str) -> None:
+    """A caller's turn as the GA API reports it: speech starts, then its transcript comes."""
+    await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 0, "item_id": item_id})
+    await session.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 900, "item_id": item_id})
+    await session.send({"type": "conversation.item.input_audio_transcription.completed", "item_id": item_id,
+                        "content_index": 0, "transcript": text})
+
+
+async def agent_begins(session: FakeSession, response_id: str, item_id: str) -> None:
+    await response_created(session, response_id)
+    await session.send({"type": "response.output_item.added", "response_id": response_id, "output_index": 0,
+                        "item": {"id": item_id, "type": "message", "role": "assistant", "content": []}})
+
+
+async def agent_transcript(session: FakeSession, item_id: str, text: str) -> None:
+    await session.send({"type": "response.output_audio_transcript.done", "item_id": item_id,
+                        "content_index": 0, "transcript": text})
+
+
+async def drop(session: FakeSession, how: str) -> None:
+    """OpenAI losing a session: a 1011 close, or the TCP connection reset."""
+    if how == "1011":
+        await session.ws.close(1011, "server trouble")
+    else:
+        session.ws.transport.abort()
+
+
+def restored_turns(session: FakeSession) -> list[tuple[str, str, str]]:
+    """The message items a new session was given: (role, content type, text)."""
+    return [(event["item"]["role"], event["item"]["content"][0]["type"], event["item"]["content"][0]["text"])
+            for event in session.of_type("conversation.item.create") if event["item"]["type"] == "message"]
+
+
+@pytest.mark.parametrize("how", ["1011", "reset"])
+def test_a_dropped_session_is_replaced_and_the_call_goes_on(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, the_relay, twilio, first):
+            assert first.of_type("session.update")[0]["session"]["audio"]["input"]["transcription"] == {
+                "model": "gpt-4o-mini-transcribe"}  # continuity keeps the caller's words
+            await caller_said(first, "item_u1", "A table for two, please.")
+            await agent_begins(first, "resp_1", "item_a1")
+            await first.say("item_a1", speech(1, 2))
+            await agent_transcript(first, "item_a1", "Sure, for what time?")
+            await response_done(first, "resp_1")
+            await eventually(lambda: twilio.played_bytes == 2 * CHUNK_MS * 8)
+            await caller_said(first, "item_u2", "Eight tonight.")
+            await agent_begins(first, "resp_2", "item_a2")
+            await agent_transcript(first, "item_a2", "Booked for eight.")
+            await response_done(first, "resp_2")
+            await eventually(lambda: not twilio.queue)  # every mark echoed: nothing is playing
+            before = [audio(1, i) for i in range(5)]
+            await twilio.send_media(before)
+            await eventually(lambda: first.caller_audio() == pcm(before))
+
+            fake.handshake_delay = 0.3  # the caller goes on talking into the gap
+            await drop(first, how)
+            await eventually(lambda: fake.handshakes == 2)
+            during, after = [audio(1, i) for i in range(5, 15)], [audio(1, i) for i in range(15, 20)]
+            await twilio.send_media(during)
+            second = await fake.session(1)
+            await twilio.send_media(after)
+            await eventually(lambda: second.caller_audio() == pcm(during + after))  # none lost, in order
+
+            assert second.received[0]["type"] == "session.update"
+            assert second.received[0]["session"] == first.of_type("session.update")[-1]["session"]
+            assert "caller: +15550001111" in second.received[0]["session"]["instructions"]  # per-call values
+            assert restored_turns(second) == [
+                ("user", "input_text", "A table for two, please."),
+                ("assistant", "output_text", "Sure, for what time?"),
+                ("user", "input_text", "Eight tonight."),
+                ("assistant", "output_text", "Booked for eight."),
+            ]
+            kinds = [event["type"] for event in second.received]
+            assert kinds.index("input_audio_buffer.append") > max(
+                i for i, kind in enumerate(kinds) if kind == "conversation.item.create")
+            assert not second.of_type("response.create")  # nobody was waiting for an answer
+            assert twilio.clears == 0  # nothing was playing
+            await second.say("item_b1", speech(2, 1), response_id="resp_3")  # the call goes on
+            await eventually(lambda: twilio.media[-1:] == speech(2, 1))
+            assert not twilio.closed.is_set()
+            numbers = await metrics(the_relay)
+            assert numbers['relay_openai_reconnects_total{reason="dropped"}'] == 1
+            assert numbers['relay_errors_total{kind="openai_connection"}'] == 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("OpenAI session replaced after" in line and "4 turn(s) of conversation restored" in line
+               and "CA" in line for line in lines)
+    assert not any("Booked for eight" in line or "Eight tonight" in line for line in lines)  # no transcripts
+
+
+def test_a_drop_while_the_agent_speaks_clears_the_phone_and_the_agent_picks_up() -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, _, twilio, first):
+            await caller_said(first, "item_u1", "When are you open?")
+            await agent_begins(first, "resp_1", "item_a1")
+            answer = "We open at nine and close at six every day except Sunday when we rest."
+            await agent_transcript(first, "item_a1", answer)
+            await first.say("item_a1", speech(1, 10))  # a second of answer
+            await eventually(lambda: twilio.played_bytes >= 400 * 8)
+            await drop(first, "1011")
+            await eventually(lambda: twilio.clears == 1)  # the old session's audio is gone
+            second = await fake.session(1)
+            await eventually(lambda: bool(second.of_type("response.create")))
+            (pick_up,) = second.of_type("response.create")
+            assert "pick up where the conversation left off" in pick_up["response"]["instructions"]
+            (user, (role, kind, cut)) = restored_turns(second)
+            assert user == ("user", "input_text", "When are you open?")
+            assert (role, kind) == ("assistant", "output_text")
+            assert cut.endswith("[cut off: the caller interrupted here]")  # what they heard, no more
+            assert answer.startswith(cut.removesuffix(" [cut off: the caller interrupted here]"))
+            assert len(cut) < len(answer)
+            await second.say("item_b1", speech(2, 2), response_id="resp_2")
+            await eventually(lambda: twilio.media[-2:] == speech(2, 2))
+            assert len(second.of_type("response.create")) == 1  # exactly one
+
+    run(scenario)
+
+
+def test_a_tool_running_across_a_drop_answers_in_the_new_session(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, _, twilio, first):
+            await agent_begins(first, "resp_1", "item_a1")
+            await function_call(first, "order_status", '{"order": "A7"}', "call_1")
+            await eventually(lambda: len(shop_tools["seen"]) == 1)
+            await drop(first, "1011")
+            second = await fake.session(1)
+            await eventually(lambda: len(second.of_type("response.create")) == 1)  # the agent picks up
+            await shop_tools["gate"].put("go")
+            await eventually(lambda: any("order_status" in text for _, _, text in restored_turns(second)))
+            (note,) = [event["item"] for event in second.of_type("conversation.item.create")
+                       if event["item"]["role"] == "system"]
+            assert '"status": "shipped"' in note["content"][0]["text"]
+            assert not second.of_type("function_call_output")  # the new session never saw the call
+            await asyncio.sleep(0.1)
+            assert len(second.of_type("response.create")) == 1  # not while the pick-up is active
+            await response_created(second, "resp_2")
+            await response_done(second, "resp_2")
+            await eventually(lambda: len(second.of_type("response.create")) == 2)  # now the result is spoken
+            assert not twilio.closed.is_set()
+
+    run(scenario)
+
+
+def test_a_redial_that_keeps_failing_hands_the_call_back_to_twilio(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call(RECONNECT_SECONDS="1") as (fake, _, twilio, first):
+            fake.refuse_status = 500
+            await drop(first, "1011")
+            async with asyncio.timeout(1 + 1):  # RECONNECT_SECONDS plus 1 s, as promised
+                await twilio.closed.wait()
+            assert twilio.close_code == 1011  # Twilio then runs the TwiML after <Connect>
+            assert fake.handshakes >= 4  # it tried again, with a short backoff
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any("refused the connection: HTTP 500" in line and "CA" in line for line in lines)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_key_on_redial_is_not_retried(status: int) -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, _, twilio, first):
+            fake.refuse_status = status
+            await drop(first, "reset")
+            await twilio.closed.wait()
+            assert twilio.close_code == 1011
+            assert fake.handshakes == 2  # one redial, no retry
+
+    run(scenario)
+
+
+def test_a_session_is_rolled_over_at_a_quiet_moment_before_its_limit(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call(SESSION_ROLLOVER_SECONDS="1") as (fake, the_relay, twilio, first):
+            await caller_said(first, "item_u1", "Tell me a long story.")
+            await agent_begins(first, "resp_1", "item_a1")  # the agent is answering when the session is due
+            await asyncio.sleep(1.5)
+            assert len(fake.sessions) == 1  # it waits for neither side to be speaking
+            await agent_transcript(first, "item_a1", "Once upon a time.")
+            await response_done(first, "resp_1")
+            second = await fake.session(1)
+            await first.ws.wait_closed()
+            assert first.ws.close_code == 1000  # the relay closed it itself
+            await eventually(lambda: len(restored_turns(second)) == 2)
+            assert restored_turns(second)[1] == ("assistant", "output_text", "Once upon a time.")
+            assert not second.of_type("response.create")  # nobody was waiting: no apology
+            assert twilio.clears == 0 and not twilio.closed.is_set()
+            assert (await metrics(the_relay))['relay_openai_reconnects_total{reason="rollover"}'] >= 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("OpenAI session rolled over after" in r.getMessage() for r in caplog.records)
+
+
+def test_an_expired_session_is_replaced_when_continuity_is_on(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, the_relay, twilio, first):
+            await first.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "session_expired",
+                "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+            second = await fake.session(1)
+            await second.say("item_b1", speech(2, 1))
+            await eventually(lambda: twilio.media == speech(2, 1))
+            assert (await metrics(the_relay))['relay_openai_reconnects_total{reason="expired"}'] == 1
+            assert not twilio.closed.is_set()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert not any("hanging up" in r.getMessage() for r in caplog.records)
+
+
+def test_ready_says_503_at_max_calls_while_health_stays_200() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, MAX_CALLS="1") as (the_relay, url):
+            port = the_relay.port  # type: ignore[attr-defined]
+            status, headers, body = await http_get(port, "/ready")
+            assert (status, json.loads(body)) == (200, {"status": "ready", "calls": 0, "max_calls": 1})
+            assert headers["content-type"] == "application/json"
+            twilio = await FakeTwilio(url).open()
+            await eventually_async(lambda: ready_status(port), 503)
+            status, _, body = await http_get(port, "/ready")
+            assert json.loads(body) == {"status": "full", "calls": 1, "max_calls": 1}
+            assert (await http_get(port, "/ready", method="HEAD"))[0] == 503
+            assert (await http_get(port, "/health"))[0] == 200
+            await twilio.close()
+            await eventually_async(lambda: ready_status(port), 200)
+
+    run(scenario)
+
+
+def test_a_held_frame_goes_out_even_when_no_next_frame_comes() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await twilio.send(media_frame(twilio, 0, timestamp=0))
+            await eventually(lambda: len(session.appended()) == 1)
+            await asyncio.sleep(0.1)
+            await twilio.send(media_frame(twilio, 1, timestamp=20))  # handled 80 ms late: held for a partner
+            await eventually(lambda: len(session.appended()) == 2)  # no partner, no stop: it goes out alone
+            assert session.caller_audio() == pcm([audio(1, 0), audio(1, 1)])
+            assert not twilio.closed.is_set()
+
+    run(scenario)
+
+
 # Shutdown ---------------------------------------------------------------------------------------
 
 
@@ -2126,6 +2413,7 @@ async def read_port(process: asyncio.subprocess.Process) -> tuple[int, str]:
 
 
 def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
+    """Also: /ready says 503 while draining, and health probes write no websockets lines."""
     async def scenario() -> None:
         async with FakeOpenAI().running() as fake:
             process = await start_relay_process({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": fake.base_url,
@@ -2138,10 +2426,16 @@ def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
             await staying.open()
             await leaving.open()
             await eventually(lambda: len(fake.sessions) == 2)
+            for path in ("/health", "/ready", "/health"):
+                assert (await http_get(port, path))[0] == 200
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
-            with pytest.raises(OSError):
+            await eventually_async(lambda: ready_status(port), 503)
+            status, _, body = await http_get(port, "/ready")
+            assert json.loads(body) == {"status": "draining", "calls": 2, "max_calls": 50}
+            assert (await http_get(port, "/health"))[0] == 200  # alive all the same
+            with pytest.raises(InvalidStatus) as refused:
                 await connect(url, open_timeout=1)  # no new calls
+            assert refused.value.response.status_code == 503
             await leaving.send_media([audio(2, 0)])  # running calls still work while draining
             await eventually(lambda: any(s.appended() for s in fake.sessions))
             await leaving.stop()
@@ -2152,6 +2446,7 @@ def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
             _, stderr = await process.communicate()
             assert process.returncode == 0
             assert b"stopped: 2 call(s) served" in stderr
+            assert b" websockets." not in stderr  # websockets' INFO lines are kept out at LOG_LEVEL=INFO
             await asyncio.gather(staying.shutdown(), leaving.shutdown())
 
     run(scenario)
