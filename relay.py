@@ -1358,6 +1358,8 @@ class Call:
         if self.greeted or not self.persona.greeting or not (self.session_configured and self.stream_sid):
             return
         self.greeted = True
+        if self.responding:
+            return  # the caller spoke first and the agent is answering them: a greeting would talk over it
         await self.ask_for_response(f"Greet the caller by saying exactly this: {self.persona.greeting}")
 
     async def ask_for_response(self, instructions: str = "") -> None:
@@ -1606,6 +1608,10 @@ class Call:
             # A refused update is still an answer: the session keeps its old settings.
             self.updates_unanswered = max(0, self.updates_unanswered - 1)
             await self.greet()
+        if error.get("code") == "conversation_already_has_active_response":
+            # Server VAD began an answer just before ours was asked for: ask again after it.
+            self.unanswered = True
+            await self.answer_when_free()
         if error.get("code") == "session_expired":
             if self.config.session_continuity:  # the planned rollover came too late: carry on anyway
                 self.session_end_reason = "expired"
@@ -2100,6 +2106,7 @@ def command_line(argv: list[str]) -> None:
     commands = parser.add_subparsers(dest="command", metavar="call")
     call = commands.add_parser(
         "call",
+        prog="python relay.py call",
         help="place an outbound call through Twilio's REST API, print its Call SID and exit",
         description="Have Twilio call NUMBER from TWILIO_PHONE_NUMBER and connect the answered call to "
         "the relay at PUBLIC_URL (which must be running). Needs TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "

@@ -985,6 +985,23 @@ def test_the_agent_greets_only_once_the_session_is_configured() -> None:
     run(scenario)
 
 
+def test_no_greeting_over_an_answer_to_a_caller_who_spoke_first() -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.configure.clear()
+        async with fake.running(), running_relay(fake) as (the_relay, url):
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await response_created(session, "resp_vad")  # server VAD answers "Hello?" before session.updated
+            fake.configure.set()
+            await eventually(lambda: all(call.session_configured for call in the_relay.calls))
+            await asyncio.sleep(0.1)
+            assert not session.of_type("response.create")  # no conversation_already_has_active_response
+            await twilio.close()
+
+    run(scenario)
+
+
 def test_an_empty_greeting_lets_the_caller_speak_first() -> None:
     async def scenario() -> None:
         async with one_call(GREETING="") as (_, _, twilio, session):
@@ -1656,6 +1673,23 @@ def test_a_caller_who_barges_in_while_a_tool_runs_still_hears_its_result(shop_to
             await eventually(lambda: creates() == 2)
             await asyncio.sleep(0.2)
             assert creates() == 2
+            await response_created(session, "resp_4")
+            await response_done(session, "resp_4")
+            # The result crosses an answer that server VAD begins at that moment: that answer has
+            # not seen it, and OpenAI refuses the relay's request. The relay asks again after it.
+            await response_created(session, "resp_5")
+            await function_call(session, "order_status", '{"order": "C"}', "call_3", "resp_5")
+            await response_done(session, "resp_5")
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: creates() == 3)
+            await response_created(session, "resp_vad3")
+            await session.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "conversation_already_has_active_response",
+                "message": "Conversation already has an active response in progress: resp_vad3.", "param": None}})
+            await asyncio.sleep(0.2)
+            assert creates() == 3  # never while that answer is active
+            await response_done(session, "resp_vad3")
+            await eventually(lambda: creates() == 4)
 
     run(scenario)
 
@@ -1914,17 +1948,23 @@ def no_secrets_in(lines: list[str]) -> bool:
     return not any(API_SECRET in line or basic in line or AUTH_TOKEN in line for line in lines)
 
 
-@pytest.mark.parametrize("ending", ["end_call", "session_expired"])
+@pytest.mark.parametrize("ending", ["end_call", "session_expired", "max_call_seconds"])
 def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: pytest.LogCaptureFixture) -> None:
+    # Without continuity: with it, an expired session is replaced instead (tested elsewhere).
+    env = {"SESSION_CONTINUITY": "off", **({"MAX_CALL_SECONDS": "1"} if ending == "max_call_seconds" else {})}
+
     async def scenario() -> None:
-        # Without continuity: with it, an expired session is replaced instead (tested below).
-        async with rest_call(SESSION_CONTINUITY="off") as (rest, the_relay, twilio, session):
+        async with rest_call(**env) as (rest, the_relay, twilio, session):
+            if ending == "max_call_seconds":
+                await eventually(lambda: bool(session.of_type("response.create")))  # "say goodbye"
             await session.say("item_bye", speech(1, 5))  # a 500 ms goodbye
             if ending == "end_call":
                 await call_end_call(session)
-            else:
+            elif ending == "session_expired":
                 await session.send({"type": "error", "error": {"type": "invalid_request_error",
                                     "code": "session_expired", "message": "60 minutes", "param": None}})
+            else:
+                await response_done(session, "resp_1")
             await twilio.closed.wait()
             ((path, fields),) = rest.requests
             assert path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{twilio.call_sid}.json"
@@ -2131,6 +2171,26 @@ def test_relay_py_call_says_what_is_wrong_in_one_line(case: str) -> None:
             assert complaint in stderr.decode()
             assert len(stderr.strip().splitlines()) == 1
             assert b"secret" not in stderr
+
+    run(scenario)
+
+
+def test_relay_py_help_explains_serving_and_calling() -> None:
+    async def help_text(*args: str) -> str:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "relay.py", *args, "--help", cwd=HERE, env={"PATH": os.environ.get("PATH", "")},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )
+        stdout, _ = await process.communicate()
+        assert process.returncode == 0  # no OPENAI_API_KEY needed to read the help
+        return stdout.decode()
+
+    async def scenario() -> None:
+        overview = await help_text()
+        assert "Without a command, serve calls" in overview and "place an outbound call" in overview
+        calling = await help_text("call")
+        assert calling.startswith("usage: python relay.py call [-h] [--greeting GREETING]")
+        assert "--instructions" in calling and "NAME=VALUE" in calling and "TWILIO_PHONE_NUMBER" in calling
 
     run(scenario)
 
