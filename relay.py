@@ -625,6 +625,11 @@ def transfer_twiml(config: Config) -> str:
     )
 
 
+def tool_note(name: Any, arguments: Any, output: Any) -> str:
+    """A tool call and its result in short form, for a new session to know it happened."""
+    return f"The {name} tool was called with {str(arguments)[:300]} and returned: {str(output)[:700]}"
+
+
 def masked(target: str) -> str:
     """A number or SIP address for a log line: its last 4 characters."""
     return "***" + target[-4:]
@@ -1421,6 +1426,8 @@ class Call:
             outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
             self.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
                           outcome if error else "ok")
+            self.transcript.note("system", tool_note(item.get("name"), item.get("arguments"),
+                                                      outcome if error else item.get("output")))
 
     async def on_conversation_item(self, item: Any) -> None:
         """MCP items that come outside a response: the server's tool list, approval requests."""
@@ -1443,7 +1450,7 @@ class Call:
             self.stats.tool_calls[name if name in TOOLS else "unknown", outcome] += 1
             self.stats.tool_seconds.observe(seconds)
             self.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
-            summary = f"The {name} tool was called with {item.get('arguments')} and returned: {output}"
+            summary = tool_note(name, item.get("arguments"), output)
             self.transcript.note("system", summary)
             if session == self.sessions:
                 await self.add_to_conversation(
@@ -1491,14 +1498,11 @@ class Call:
         """require_approval is "never", so this should not come; deny it so the answer goes on."""
         self.log.warning("MCP server %s asked to approve %s: denied (nobody on a phone line can approve)",
                          item.get("server_label"), item.get("name"))
-        await self.to_openai(
-            {
-                "type": "conversation.item.create",
-                "item": {"type": "mcp_approval_response", "id": f"mcp_approval_{item.get('id')}",
-                         "approval_request_id": item.get("id"), "approve": False,
-                         "reason": "Tool calls cannot be approved during a phone call."},
-            }
+        await self.add_to_conversation(
+            {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False,
+             "reason": "Tool calls cannot be approved during a phone call."}
         )
+        await self.answer_when_free()
 
     def on_mcp_event(self, kind: str, event: dict[str, Any]) -> None:
         """Say what the remote MCP server did; its tools are called by OpenAI, not by the relay."""
