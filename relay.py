@@ -165,6 +165,8 @@ TWILIO_REST_TIMEOUT = 10.0  # seconds for one request to Twilio's REST API
 
 CLOSE_TIMEOUT = 1.0  # seconds to wait for a peer to acknowledge a close
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
+EARLY_EVENT_LIMIT = 100  # other events kept meanwhile: keypad presses, tool outputs, notes
+REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes as soon as they open
 GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
@@ -833,8 +835,10 @@ class Call:
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.parameters: dict[str, str] = {}  # the stream's <Parameter>s
         self.stream_started = asyncio.Event()
-        # Caller audio that arrives while OpenAI is still connecting, sent once it is ready.
+        # What arrives while OpenAI is still connecting (or reconnecting), sent once it is ready:
+        # the caller's audio, and apart from it, so that audio cannot push them out, other events.
         self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
+        self.early_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EARLY_EVENT_LIMIT)
         self.openai_ready = False
         self.held_audio = b""  # a caller frame waiting to be joined with the next one
         self.held_timer: asyncio.TimerHandle | None = None  # sends it alone if no next frame comes
@@ -856,6 +860,7 @@ class Call:
         self.sessions = 1  # OpenAI sessions this call has had
         self.session_end_reason = ""  # why the relay itself closes a session: "rollover", "expired"
         self.rollover: asyncio.Task[None] | None = None
+        self.session_started = 0.0  # when the current OpenAI session was opened or taken
         self.gap_deadline: float | None = None  # when a call between two sessions gives up
         self.hang_up_reason = ""  # set when the relay decides to end the call
         self.transferring = False  # set when the agent hands the caller to a person
@@ -908,20 +913,21 @@ class Call:
         return task
 
     async def to_openai(self, event: dict[str, Any] | str) -> None:
-        """Send an event to OpenAI, or keep it until the session is configured."""
-        message = event if isinstance(event, str) else json.dumps(event)
+        """Send an event (a string is caller audio) to OpenAI, or keep it until a session is ready."""
         if self.openai_ready:
             try:
-                await self.openai.send(message)  # type: ignore[union-attr]
+                await self.openai.send(event if isinstance(event, str) else json.dumps(event))  # type: ignore[union-attr]
                 return
             except ConnectionClosed:  # the OpenAI pump decides whether a new session takes over
                 self.openai_ready = False
-        if len(self.early) == self.early.maxlen:
-            self.stats.dropped["early_audio_overflow"] += 1
-            if "early audio overflow" not in self.warned:
-                self.warned.add("early audio overflow")
-                self.log.warning("OpenAI is slow to connect: dropping the oldest caller audio")
-        self.early.append(message)
+        kept: collections.deque[Any] = self.early if isinstance(event, str) else self.early_events
+        if len(kept) == kept.maxlen:
+            what = "audio" if kept is self.early else "event"
+            self.stats.dropped[f"early_{what}_overflow"] += 1
+            if what not in self.warned:
+                self.warned.add(what)
+                self.log.warning("OpenAI is slow to connect: dropping the oldest caller %s kept for it", what)
+        kept.append(event)
 
     # Twilio -> OpenAI
 
@@ -999,7 +1005,8 @@ class Call:
         if self.config.record_calls and self.call_sid:
             self.spawn(self.record())
         if self.told_persona is not None:  # the session was configured before "start" came
-            await self.configure_session()
+            with contextlib.suppress(ConnectionClosed):  # it dropped: the next session is told anyway
+                await self.configure_session()
         await self.greet()
 
     async def on_media(self, event: dict[str, Any]) -> None:
@@ -1149,6 +1156,7 @@ class Call:
             return f"closed the new session at once: {closed}", True
         except (OSError, InvalidHandshake) as error:
             return f"could not be reached: {error}", True
+        self.session_started = time.monotonic()
         if self.config.session_continuity:
             if self.rollover is not None:
                 self.rollover.cancel()
@@ -1160,7 +1168,7 @@ class Call:
         openai = self.openai
         assert openai is not None
         try:
-            await self.send_early_audio()
+            await self.go_live()
             async for message in openai:
                 await self.on_openai_message(message)
         except ConnectionClosed:
@@ -1194,22 +1202,35 @@ class Call:
         interrupts the pick-up line as any barge-in does, and the agent answers it.
         """
         gap_started = time.monotonic()
-        if self.gap_deadline is None or self.session_configured:  # else the last restore never took
-            self.gap_deadline = gap_started + self.config.reconnect_seconds
         self.openai_ready = False
         agent_was_talking = self.responding or not self.playback.drained.is_set()
         cut = self.playback.interrupt()
         if cut is not None:
-            await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+            with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
+                await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
             self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
         self.sessions += 1  # tools still running answer in the conversation instead
         history = self.transcript.items()
         waiting = agent_was_talking or self.unanswered or self.transcript.caller_waits()
         pick_up = [respond(PICK_UP_AFTER_DROP)] if waiting else []
-        # The pick-up answers everything so far. Nothing asks the gap for a response: what
-        # it adds to the conversation waits in ``early`` and is answered after the pick-up.
-        self.responding, self.unanswered = True, False
-        self.unconfirmed.clear()
+        # The pick-up answers everything the old session saw. What was kept for a session
+        # since the drop follows it: truncates and response.create meant the old one; items
+        # stay unanswered until a response that sees them. Nothing else asks for a response
+        # until the new session is up.
+        self.early_events = collections.deque(
+            (event for event in self.early_events if event["type"] == "conversation.item.create"),
+            maxlen=EARLY_EVENT_LIMIT,
+        )
+        self.unconfirmed = {event["item"]["id"] for event in self.early_events}
+        self.responding, self.unanswered = True, bool(self.unconfirmed)
+        lived = gap_started - self.session_started
+        if reason != "dropped" or self.gap_deadline is None or lived >= self.config.reconnect_seconds:
+            self.gap_deadline = gap_started + self.config.reconnect_seconds
+        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
+            await asyncio.sleep(REDIAL_PAUSE)  # OpenAI closed the last new session at once: same gap
+        else:
+            self.openai_failed(f"closed every new session within {self.config.reconnect_seconds:g} s")
+            return False
         if not await self.open_session(self.gap_deadline, history + pick_up):
             return False
         self.responding = waiting
@@ -1251,13 +1272,21 @@ class Call:
         update = session_update(self.config, self.persona, f"session_update_{self.updates_sent}")
         await self.openai.send(json.dumps(update))  # type: ignore[union-attr]
 
-    async def send_early_audio(self) -> None:
-        """Send the audio that arrived during the handshake, in order, then go live.
+    async def go_live(self) -> None:
+        """Send what was kept while the session opened, events first, then go live.
 
-        The Twilio pump keeps queueing while this awaits, so nothing overtakes.
+        The Twilio pump keeps queueing while this awaits, so nothing overtakes; each
+        message leaves the queue only once sent, so a session that dies meanwhile loses none.
         """
-        while self.early:
-            await self.openai.send(self.early.popleft())  # type: ignore[union-attr]
+        openai = self.openai
+        assert openai is not None
+        while self.early_events or self.early:
+            if self.early_events:
+                await openai.send(json.dumps(self.early_events[0]))
+                self.early_events.popleft()
+            else:
+                await openai.send(self.early[0])
+                self.early.popleft()
         self.openai_ready = True
 
     def openai_failed(self, what: str) -> None:

@@ -2424,6 +2424,111 @@ def test_an_expired_session_is_replaced_when_continuity_is_on(caplog: pytest.Log
     assert not any("hanging up" in r.getMessage() for r in caplog.records)
 
 
+def test_new_sessions_that_die_at_once_hand_the_call_back_within_reconnect_seconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with one_call(RECONNECT_SECONDS="1") as (fake, the_relay, twilio, first):
+            async def die_once_configured(session: FakeSession, event: dict[str, Any]) -> None:
+                if event["type"] == "session.update" and session is not first:
+                    await asyncio.sleep(0.05)
+                    await session.ws.close(1011, "server trouble")
+
+            fake.on_event = die_once_configured
+            await drop(first, "1011")
+            async with asyncio.timeout(1 + 1):  # RECONNECT_SECONDS plus 1 s, however each one fails
+                await twilio.closed.wait()
+            assert twilio.close_code == 1011
+            assert fake.handshakes <= 4  # a pause between new sessions, not a storm of them
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("closed every new session within 1 s" in r.getMessage() for r in caplog.records)
+
+
+def test_a_start_that_comes_during_a_gap_reaches_the_new_session() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake, GREETING="") as (the_relay, url):
+            twilio = await FakeTwilio(url).open(start=False)
+            first = await fake.session()
+            await eventually(lambda: bool(first.of_type("session.update")))
+            fake.handshake_delay = 0.3
+            await drop(first, "1011")
+            await eventually(lambda: fake.handshakes == 2)
+            await twilio.start()  # sent while no session is up
+            second = await fake.session(1)
+            await eventually(lambda: bool(second.of_type("session.update")))
+            assert "caller: +15550001111" in second.of_type("session.update")[-1]["session"]["instructions"]
+            assert not twilio.closed.is_set()
+            await twilio.close()
+
+    run(scenario)
+
+
+def test_both_sides_dying_at_once_end_the_call_without_a_relay_bug() -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, first):
+            await agent_begins(first, "resp_1", "item_a1")
+            await first.say("item_a1", speech(1, 10))
+            await eventually(lambda: twilio.played_bytes >= 200 * 8)
+            twilio.ws.transport.abort()  # type: ignore[union-attr]
+            first.ws.transport.abort()
+            await eventually(lambda: not the_relay.calls)
+            assert the_relay.stats.errors["relay_bug"] == 0
+
+    run(scenario)
+
+
+def test_a_keypress_during_a_gap_survives_however_much_audio_comes() -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, _, twilio, first):
+            fake.handshake_delay = 1.0
+            await drop(first, "1011")
+            await eventually(lambda: fake.handshakes == 2)
+            await press(twilio, "7")
+            frames = [audio(1, i) for i in range(relay.EARLY_AUDIO_LIMIT + 50)]
+            await twilio.send_media(frames, pace=0)  # more than the gap keeps: the oldest audio goes
+            second = await fake.session(1)
+            await eventually(lambda: second.caller_audio() == pcm(frames[50:]))
+            assert ("user", "input_text", "The caller pressed 7 on the keypad.") in restored_turns(second)
+            (create,) = second.of_type("response.create")  # the press is answered, once
+            kinds = [event["type"] for event in second.received]
+            assert kinds.index("response.create") > kinds.index("conversation.item.create")
+
+    run(scenario)
+
+
+def test_a_transfer_that_fails_across_a_drop_is_answered_once_in_the_new_session() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, FakeTwilioRest().running() as rest:
+            rest.failure = TWILIO_ERRORS["404"]
+            env = {"GREETING": "", "TRANSFER_TO": "+15551234567", **rest.env()}
+            async with running_relay(fake, **env) as (the_relay, url):
+                twilio = FakeTwilio(url)
+                rest.streams[twilio.call_sid] = twilio
+                await twilio.open()
+                first = await fake.session()
+                await eventually(lambda: all(call.session_configured for call in the_relay.calls))
+                await response_created(first, "resp_1")
+                await first.say("item_handover", speech(1, 5))
+                await function_call(first, "transfer_call", "{}", "call_t")
+                await response_done(first, "resp_1")
+                await asyncio.sleep(0.1)  # the transfer waits for the handover line to play
+                await drop(first, "1011")
+                second = await fake.session(1)
+                await eventually(lambda: bool(second.of_type("response.create")))
+                await asyncio.sleep(0.3)
+                assert len(second.of_type("response.create")) == 1  # never two at once
+                assert any("The transfer failed" in text for _, _, text in restored_turns(second))
+                await response_created(second, "resp_2")  # the agent picks up...
+                await response_done(second, "resp_2")
+                await eventually(lambda: len(second.of_type("response.create")) == 2)  # ...then answers it
+                assert not twilio.closed.is_set()
+                await twilio.close()
+
+    run(scenario)
+
+
 def test_ready_says_503_at_max_calls_while_health_stays_200() -> None:
     async def scenario() -> None:
         async with FakeOpenAI().running() as fake, running_relay(fake, MAX_CALLS="1") as (the_relay, url):
