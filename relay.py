@@ -859,7 +859,7 @@ class Call:
         self.caller_speaking = False
         self.sessions = 1  # OpenAI sessions this call has had
         self.session_end_reason = ""  # why the relay itself closes a session: "rollover", "expired"
-        self.rollover: asyncio.Task[None] | None = None
+        self.rollover: asyncio.TimerHandle | None = None  # when this session is due for its planned rollover
         self.session_started = 0.0  # when the current OpenAI session was opened or taken
         self.gap_deadline: float | None = None  # when a call between two sessions gives up
         self.hang_up_reason = ""  # set when the relay decides to end the call
@@ -895,8 +895,9 @@ class Call:
         finally:
             if self.ending is not None:  # let a hang-up or transfer that Twilio has begun finish
                 await asyncio.wait({self.ending}, timeout=TWILIO_REST_TIMEOUT)
-            if self.held_timer is not None:
-                self.held_timer.cancel()
+            for timer_handle in (self.held_timer, self.rollover):
+                if timer_handle is not None:
+                    timer_handle.cancel()
             tasks = [*pumps, timer, *self.tasks]
             for task in tasks:
                 task.cancel()
@@ -1160,7 +1161,10 @@ class Call:
         if self.config.session_continuity:
             if self.rollover is not None:
                 self.rollover.cancel()
-            self.rollover = self.spawn(self.roll_over(opened_at + self.config.session_rollover_seconds))
+            session, due = self.openai, opened_at + self.config.session_rollover_seconds
+            self.rollover = asyncio.get_running_loop().call_later(
+                due - time.monotonic(), lambda: self.spawn(self.roll_over(session))
+            )
         return "", False
 
     async def forward_agent_audio(self) -> str:
@@ -1241,21 +1245,21 @@ class Call:
                       len(history), ", the agent picks up" if waiting else "")
         return True
 
-    async def roll_over(self, due: float) -> None:
+    async def roll_over(self, session: ClientConnection) -> None:
         """Move the call to a fresh session before OpenAI's 60-minute limit ends this one.
 
         It waits for a moment when neither side is speaking, if one comes within a minute,
         then closes the session; ``restore_session`` carries the call on.
         """
-        await asyncio.sleep(due - time.monotonic())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ROLLOVER_QUIET_WAIT):
                 while self.responding or self.caller_speaking or not self.playback.drained.is_set():
                     await asyncio.sleep(0.1)
+        if session is not self.openai or session.state is not State.OPEN:
+            return  # it ended meanwhile, and the call is carried over already
         self.log.info("moving the call to a new OpenAI session before this one reaches its time limit")
         self.session_end_reason = "rollover"
-        self.rollover = None  # this task ends with the old session; the new one gets its own
-        await self.openai.close()  # type: ignore[union-attr]
+        await session.close()
 
     async def configure_session(self) -> None:
         """Tell OpenAI who the agent is on this call, unless it knows already.
