@@ -1210,11 +1210,9 @@ class Call:
         agent_was_talking = self.responding or not self.playback.drained.is_set()
         cut = self.playback.interrupt()
         if cut is not None:
-            with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
-                await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
             self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
         self.sessions += 1  # tools still running answer in the conversation instead
-        history = self.transcript.items()
+        history = self.transcript.items()  # now: what the gap adds is kept in early_events
         waiting = agent_was_talking or self.unanswered or self.transcript.caller_waits()
         pick_up = [respond(PICK_UP_AFTER_DROP)] if waiting else []
         # The pick-up answers everything the old session saw. What was kept for a session
@@ -1227,13 +1225,10 @@ class Call:
         )
         self.unconfirmed = {event["item"]["id"] for event in self.early_events}
         self.responding, self.unanswered = True, bool(self.unconfirmed)
-        lived = gap_started - self.session_started
-        if reason != "dropped" or self.gap_deadline is None or lived >= self.config.reconnect_seconds:
-            self.gap_deadline = gap_started + self.config.reconnect_seconds
-        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
-            await asyncio.sleep(REDIAL_PAUSE)  # OpenAI closed the last new session at once: same gap
-        else:
-            self.openai_failed(f"closed every new session within {self.config.reconnect_seconds:g} s")
+        if cut is not None:
+            with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
+                await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
+        if not await self.pace_redials(reason, gap_started):
             return False
         if not await self.open_session(self.gap_deadline, history + pick_up):
             return False
@@ -1243,6 +1238,22 @@ class Call:
         self.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
                       "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
                       len(history), ", the agent picks up" if waiting else "")
+        return True
+
+    async def pace_redials(self, reason: str, gap_started: float) -> bool:
+        """Give the gap its RECONNECT_SECONDS, unless it is the last gap going on.
+
+        A new session that OpenAI closed soon after it opened did not end the gap: the
+        relay pauses before the next one and gives up at the same deadline.
+        """
+        lived = gap_started - self.session_started
+        if reason != "dropped" or self.gap_deadline is None or lived >= self.config.reconnect_seconds:
+            self.gap_deadline = gap_started + self.config.reconnect_seconds
+        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
+            await asyncio.sleep(REDIAL_PAUSE)
+        else:
+            self.openai_failed(f"closed every new session within {self.config.reconnect_seconds:g} s")
+            return False
         return True
 
     async def roll_over(self, session: ClientConnection) -> None:
