@@ -1646,7 +1646,9 @@ class Call:
 
     async def on_openai_error(self, event: dict[str, Any]) -> None:
         """Errors mean OpenAI ignored something we sent (a bad field keeps the old config)."""
-        error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        error = event.get("error")
+        if not isinstance(error, dict):
+            error = {}
         self.relay.count_error("openai_error")
         self.log.error(
             "OpenAI error: type=%s code=%s message=%s param=%s",
