@@ -185,6 +185,8 @@ PICK_UP_AFTER_DROP = (
     "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
     "words, then pick up where the conversation left off."
 )
+# After a planned rollover that found no quiet moment: the caller noticed nothing.
+CARRY_ON_AFTER_ROLLOVER = "Carry on the conversation where it left off, as if nothing had happened."
 MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
 
 
@@ -627,6 +629,15 @@ def transfer_twiml(config: Config) -> str:
     )
 
 
+def carries_over(event: dict[str, Any]) -> bool:
+    """Does an event meant for a session that dropped still mean something to the next one?
+
+    Only messages do (keypad presses, notes). Truncates, response.create, tool outputs and
+    approvals refer to the old session's items; a tool's result is in the history as a note.
+    """
+    return event["type"] == "conversation.item.create" and event["item"]["type"] == "message"
+
+
 def tool_note(name: Any, arguments: Any, output: Any) -> str:
     """A tool call and its result in short form, for a new session to know it happened."""
     return f"The {name} tool was called with {str(arguments)[:300]} and returned: {str(output)[:700]}"
@@ -861,6 +872,7 @@ class Call:
         self.session_end_reason = ""  # why the relay itself closes a session: "rollover", "expired"
         self.rollover: asyncio.TimerHandle | None = None  # when this session is due for its planned rollover
         self.session_started = 0.0  # when the current OpenAI session was opened or taken
+        self.session_worked = False  # it has answered or heard the caller: a drop now is a new gap
         self.gap_deadline: float | None = None  # when a call between two sessions gives up
         self.hang_up_reason = ""  # set when the relay decides to end the call
         self.transferring = False  # set when the agent hands the caller to a person
@@ -921,6 +933,8 @@ class Call:
                 return
             except ConnectionClosed:  # the OpenAI pump decides whether a new session takes over
                 self.openai_ready = False
+                if not isinstance(event, str) and not carries_over(event):
+                    return
         kept: collections.deque[Any] = self.early if isinstance(event, str) else self.early_events
         if len(kept) == kept.maxlen:
             what = "audio" if kept is self.early else "event"
@@ -1157,7 +1171,7 @@ class Call:
             return f"closed the new session at once: {closed}", True
         except (OSError, InvalidHandshake) as error:
             return f"could not be reached: {error}", True
-        self.session_started = time.monotonic()
+        self.session_started, self.session_worked = time.monotonic(), False
         if self.config.session_continuity:
             if self.rollover is not None:
                 self.rollover.cancel()
@@ -1207,6 +1221,7 @@ class Call:
         """
         gap_started = time.monotonic()
         self.openai_ready = False
+        self.told_persona, self.updates_unanswered = None, 0  # the new session is told afresh
         agent_was_talking = self.responding or not self.playback.drained.is_set()
         cut = self.playback.interrupt()
         if cut is not None:
@@ -1214,15 +1229,13 @@ class Call:
         self.sessions += 1  # tools still running answer in the conversation instead
         history = self.transcript.items()  # now: what the gap adds is kept in early_events
         waiting = agent_was_talking or self.unanswered or self.transcript.caller_waits()
-        pick_up = [respond(PICK_UP_AFTER_DROP)] if waiting else []
+        line = CARRY_ON_AFTER_ROLLOVER if reason == "rollover" else PICK_UP_AFTER_DROP
+        pick_up = [respond(line)] if waiting else []
         # The pick-up answers everything the old session saw. What was kept for a session
-        # since the drop follows it: truncates and response.create meant the old one; items
-        # stay unanswered until a response that sees them. Nothing else asks for a response
-        # until the new session is up.
-        self.early_events = collections.deque(
-            (event for event in self.early_events if event["type"] == "conversation.item.create"),
-            maxlen=EARLY_EVENT_LIMIT,
-        )
+        # since the drop follows it if it still means something (see carries_over), and
+        # stays unanswered until a response sees it. Nothing else asks for a response until
+        # the new session is up.
+        self.early_events = collections.deque(filter(carries_over, self.early_events), maxlen=EARLY_EVENT_LIMIT)
         self.unconfirmed = {event["item"]["id"] for event in self.early_events}
         self.responding, self.unanswered = True, bool(self.unconfirmed)
         if cut is not None:
@@ -1243,11 +1256,13 @@ class Call:
     async def pace_redials(self, reason: str, gap_started: float) -> bool:
         """Give the gap its RECONNECT_SECONDS, unless it is the last gap going on.
 
-        A new session that OpenAI closed soon after it opened did not end the gap: the
-        relay pauses before the next one and gives up at the same deadline.
+        A new session that OpenAI closed before it did anything (no answer, no speech
+        heard) did not end the gap: the relay pauses before the next one and gives up at
+        the same deadline.
         """
         lived = gap_started - self.session_started
-        if reason != "dropped" or self.gap_deadline is None or lived >= self.config.reconnect_seconds:
+        if (reason != "dropped" or self.gap_deadline is None or self.session_worked
+                or lived >= self.config.reconnect_seconds):
             self.gap_deadline = gap_started + self.config.reconnect_seconds
         elif gap_started + REDIAL_PAUSE < self.gap_deadline:
             await asyncio.sleep(REDIAL_PAUSE)
@@ -1264,7 +1279,8 @@ class Call:
         """
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ROLLOVER_QUIET_WAIT):
-                while self.responding or self.caller_speaking or not self.playback.drained.is_set():
+                while (self.responding or self.caller_speaking or self.tools_running or self.unanswered
+                       or not self.playback.drained.is_set()):
                     await asyncio.sleep(0.1)
         if session is not self.openai or session.state is not State.OPEN:
             return  # it ended meanwhile, and the call is carried over already
@@ -1320,7 +1336,7 @@ class Call:
         if kind == "response.output_audio.delta":
             await self.send_audio(event)
         elif kind == "input_audio_buffer.speech_started":
-            self.caller_speaking = True
+            self.caller_speaking = self.session_worked = True
             if isinstance(event.get("item_id"), str):
                 self.transcript.begin(event["item_id"], "user")
             await self.on_caller_speech()
@@ -1331,7 +1347,7 @@ class Call:
             if isinstance(item, dict) and item.get("role") == "assistant" and isinstance(item.get("id"), str):
                 self.transcript.begin(item["id"], "assistant")
         elif kind == "response.created":
-            self.responding = True
+            self.responding = self.session_worked = True
             if not self.unconfirmed:  # it sees everything the relay added (OpenAI keeps the order)
                 self.unanswered = False
         elif kind == "conversation.item.added":

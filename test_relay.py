@@ -110,6 +110,16 @@ class FakeSession:
     async def send(self, event: dict[str, Any]) -> None:
         await self.ws.send(json.dumps(event))
 
+    def close_slowly(self) -> None:
+        """Send a 1011 close frame but read nothing more for now, as over a slow network:
+        the relay sees the session closing while it still has things to send. ``resume()`` ends it."""
+        self.ws.transport.pause_reading()
+        self.ws.protocol.send_close(1011, "server trouble")
+        self.ws.send_data()
+
+    def resume(self) -> None:
+        self.ws.transport.resume_reading()
+
     async def say(self, item_id: str, chunks: list[str], response_id: str = "resp_1") -> None:
         """Stream assistant audio the way the GA API does."""
         for chunk in chunks:
@@ -2448,19 +2458,90 @@ def test_new_sessions_that_die_at_once_hand_the_call_back_within_reconnect_secon
 
 def test_a_start_that_comes_during_a_gap_reaches_the_new_session() -> None:
     async def scenario() -> None:
-        async with FakeOpenAI().running() as fake, running_relay(fake, GREETING="") as (the_relay, url):
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
             twilio = await FakeTwilio(url).open(start=False)
             first = await fake.session()
-            await eventually(lambda: bool(first.of_type("session.update")))
+            await eventually(lambda: all(call.session_configured for call in the_relay.calls))
             fake.handshake_delay = 0.3
             await drop(first, "1011")
             await eventually(lambda: fake.handshakes == 2)
             await twilio.start()  # sent while no session is up
             second = await fake.session(1)
-            await eventually(lambda: bool(second.of_type("session.update")))
+            await eventually(lambda: bool(second.of_type("response.create")))
             assert "caller: +15550001111" in second.of_type("session.update")[-1]["session"]["instructions"]
+            (greeting,) = second.of_type("response.create")  # the caller is greeted, on the new session
+            assert "Hi, this is Tessa." in greeting["response"]["instructions"]
             assert not twilio.closed.is_set()
             await twilio.close()
+
+    run(scenario)
+
+
+def test_what_is_sent_while_openai_closes_reaches_the_new_session_once(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, the_relay, twilio, first):
+            await agent_begins(first, "resp_1", "item_a1")
+            await function_call(first, "order_status", '{"order": "A7"}', "call_1")
+            await eventually(lambda: len(shop_tools["seen"]) == 1)
+            (call,) = the_relay.calls
+            closing = call.openai
+            first.close_slowly()
+            await eventually(lambda: closing.state is not State.OPEN)  # type: ignore[union-attr]
+            await shop_tools["gate"].put("go")  # the tool answers while the session is closing...
+            await press(twilio, "7")  # ...and the caller presses a key
+            await asyncio.sleep(0.05)
+            first.resume()
+            second = await fake.session(1)
+            await eventually(lambda: any("pressed 7" in text for _, _, text in restored_turns(second)))
+            items = [event["item"] for event in second.of_type("conversation.item.create")]
+            assert not [item for item in items if item["type"] == "function_call_output"]  # a call it never saw
+            texts = [text for _, _, text in restored_turns(second)]
+            assert sum("order_status" in text and "shipped" in text for text in texts) == 1  # as a note, once
+            assert sum("pressed 7" in text for text in texts) == 1
+            await asyncio.sleep(0.2)
+            assert len(second.of_type("response.create")) == 1  # the agent picks up, once
+
+    run(scenario)
+
+
+def test_a_session_that_worked_then_drops_gets_a_redial_of_its_own() -> None:
+    async def scenario() -> None:
+        async with one_call(RECONNECT_SECONDS="2") as (fake, the_relay, twilio, first):
+            await drop(first, "1011")
+            second = await fake.session(1)
+            await eventually(lambda: all(call.session_configured for call in the_relay.calls))
+            await agent_begins(second, "resp_2", "item_b1")  # it works: the agent talks
+            await second.say("item_b1", speech(2, 2), response_id="resp_2")
+            await response_done(second, "resp_2")
+            await eventually(lambda: twilio.media[-2:] == speech(2, 2))
+            await asyncio.sleep(1.6)  # the first gap's 2 s are over by now
+            await drop(second, "1011")  # an unrelated second drop
+            third = await fake.session(2)
+            await eventually(lambda: bool(third.of_type("session.update")))
+            assert not twilio.closed.is_set()
+
+    run(scenario)
+
+
+def test_a_planned_rollover_waits_for_a_running_tool_and_does_not_apologise(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with one_call(SESSION_ROLLOVER_SECONDS="1") as (fake, _, twilio, first):
+            await caller_said(first, "item_u1", "Where is order A7?")
+            await response_created(first, "resp_1")  # the model answers with a function call only
+            await function_call(first, "order_status", '{"order": "A7"}', "call_1")
+            await response_done(first, "resp_1")
+            await asyncio.sleep(1.5)
+            assert len(fake.sessions) == 1  # not while the tool runs
+            await shop_tools["gate"].put("go")
+            await eventually(lambda: len(first.of_type("response.create")) == 1)  # its result is spoken first
+            await agent_begins(first, "resp_2", "item_a2")
+            await agent_transcript(first, "item_a2", "Order A7 has shipped.")
+            await response_done(first, "resp_2")
+            second = await fake.session(1)
+            await eventually(lambda: bool(restored_turns(second)))
+            await asyncio.sleep(0.2)
+            assert not second.of_type("response.create")  # nothing was owed: no apology
+            assert not twilio.closed.is_set()
 
     run(scenario)
 
