@@ -155,6 +155,12 @@ VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse",
 TIME_LIMIT_GOODBYE = (
     "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
 )
+# What the agent is asked to say on a new OpenAI session (SESSION_CONTINUITY), if it owed an answer.
+PICK_UP_AFTER_DROP = (
+    "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
+    "words, then pick up where the conversation left off."
+)
+CARRY_ON_AFTER_ROLLOVER = "Carry on the conversation where it left off, as if nothing had happened."
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # for SESSION_CONTINUITY and LOG_TRANSCRIPTS
 # What the caller hears when the stream ends, before the call hangs up (see /twiml). With REST
 # call control the relay hangs up through Twilio, so only an abnormal end gets here.
@@ -166,7 +172,7 @@ TWILIO_REST_TIMEOUT = 10.0  # seconds for one request to Twilio's REST API
 CLOSE_TIMEOUT = 1.0  # seconds to wait for a peer to acknowledge a close
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
 EARLY_EVENT_LIMIT = 100  # other events kept meanwhile: keypad presses, tool outputs, notes
-REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes as soon as they open
+REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes before they do anything
 GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
@@ -180,13 +186,7 @@ MARK_EVERY_MS = 100  # agent audio between two marks: fewer messages, yet barge-
 MEMORY_TURNS = 200
 MEMORY_TURN_CHARS = 2000
 MEMORY_CHARS = 24000  # about 6,000 tokens: a new session reads it all before it answers
-ROLLOVER_QUIET_WAIT = 60.0  # seconds a planned rollover waits for neither side to be speaking
-PICK_UP_AFTER_DROP = (
-    "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
-    "words, then pick up where the conversation left off."
-)
-# After a planned rollover that found no quiet moment: the caller noticed nothing.
-CARRY_ON_AFTER_ROLLOVER = "Carry on the conversation where it left off, as if nothing had happened."
+ROLLOVER_QUIET_WAIT = 60.0  # seconds a planned rollover waits for a quiet moment
 MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
 
 
