@@ -2340,12 +2340,17 @@ def test_a_drop_while_the_agent_speaks_clears_the_phone_and_the_agent_picks_up()
     run(scenario)
 
 
+async def order_status_running(session: FakeSession, shop_tools: dict[str, Any]) -> None:
+    """The agent's answer calls order_status, which waits for the test's go-ahead."""
+    await agent_begins(session, "resp_1", "item_a1")
+    await function_call(session, "order_status", '{"order": "A7"}', "call_1")
+    await eventually(lambda: len(shop_tools["seen"]) == 1)
+
+
 def test_a_tool_running_across_a_drop_answers_in_the_new_session(shop_tools: dict[str, Any]) -> None:
     async def scenario() -> None:
         async with one_call() as (fake, _, twilio, first):
-            await agent_begins(first, "resp_1", "item_a1")
-            await function_call(first, "order_status", '{"order": "A7"}', "call_1")
-            await eventually(lambda: len(shop_tools["seen"]) == 1)
+            await order_status_running(first, shop_tools)
             await drop(first, "1011")
             second = await fake.session(1)
             await eventually(lambda: len(second.of_type("response.create")) == 1)  # the agent picks up
@@ -2480,9 +2485,7 @@ def test_a_start_that_comes_during_a_gap_reaches_the_new_session() -> None:
 def test_what_is_sent_while_openai_closes_reaches_the_new_session_once(shop_tools: dict[str, Any]) -> None:
     async def scenario() -> None:
         async with one_call() as (fake, the_relay, twilio, first):
-            await agent_begins(first, "resp_1", "item_a1")
-            await function_call(first, "order_status", '{"order": "A7"}', "call_1")
-            await eventually(lambda: len(shop_tools["seen"]) == 1)
+            await order_status_running(first, shop_tools)
             (call,) = the_relay.calls
             closing = call.openai
             first.close_slowly()
