@@ -170,6 +170,10 @@ STREAM_END_MESSAGE = "Thank you for calling. If we were cut off, please call aga
 TWILIO_REST_TIMEOUT = 10.0  # seconds for one request to Twilio's REST API
 
 CLOSE_TIMEOUT = 1.0  # seconds to wait for a peer to acknowledge a close
+# A session that stops answering is noticed within PING_INTERVAL + PING_TIMEOUT (10 s): a stall
+# is silence on the phone, and a ping every 5 s costs nothing beside 50 audio messages a second.
+PING_INTERVAL = 5.0
+PING_TIMEOUT = 5.0
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
 EARLY_EVENT_LIMIT = 100  # other events kept meanwhile: keypad presses, tool outputs, notes
 REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes before they do anything
@@ -451,9 +455,9 @@ def persona_for_call(config: Config, parameters: Mapping[str, str]) -> Persona:
     )
 
 
-def offered_tools(config: Config) -> list[dict[str, Any]]:
+def offered_tools(config: Config, tools: Mapping[str, Tool]) -> list[dict[str, Any]]:
     """The relay's own tools that this configuration offers, then the remote MCP server's."""
-    tools = [tool.schema() for tool in TOOLS.values() if tool.offered_if(config)]
+    offered = [tool.schema() for tool in tools.values() if tool.offered_if(config)]
     if config.mcp_server_url:
         mcp: dict[str, Any] = {
             "type": "mcp",
@@ -465,11 +469,11 @@ def offered_tools(config: Config) -> list[dict[str, Any]]:
             mcp["authorization"] = config.mcp_authorization
         if config.mcp_allowed_tools:
             mcp["allowed_tools"] = list(config.mcp_allowed_tools)
-        tools.append(mcp)
-    return tools
+        offered.append(mcp)
+    return offered
 
 
-def session_update(config: Config, persona: Persona, event_id: str) -> dict[str, Any]:
+def session_update(config: Config, persona: Persona, tools: Mapping[str, Tool], event_id: str) -> dict[str, Any]:
     """The GA ``session.update``: mu-law both ways, server-side turn detection, the tools.
 
     ``event_id`` lets an ``error`` caused by this update be told apart (see Call.on_openai_error).
@@ -498,16 +502,22 @@ def session_update(config: Config, persona: Persona, event_id: str) -> dict[str,
             "output": {"format": {"type": "audio/pcmu"}, "voice": persona.voice},
         },
     }
-    tools = offered_tools(config)
-    if tools:
-        session["tools"] = tools
+    offered = offered_tools(config, tools)
+    if offered:
+        session["tools"] = offered
         session["tool_choice"] = "auto"
     return {"type": "session.update", "event_id": event_id, "session": session}
 
 
-def respond(instructions: str) -> dict[str, Any]:
-    """Ask the model to speak now, following these instructions for this one answer."""
-    return {"type": "response.create", "response": {"instructions": instructions}}
+def response_request(event_id: str, instructions: str = "") -> dict[str, Any]:
+    """Ask the model to speak now, following ``instructions`` for this one answer if given.
+
+    The ``event_id`` is the relay's own, so that an ``error`` about this request is told apart.
+    """
+    event: dict[str, Any] = {"type": "response.create", "event_id": event_id}
+    if instructions:
+        event["response"] = {"instructions": instructions}
+    return event
 
 
 def text_message(text: str, role: str = "user") -> dict[str, Any]:
@@ -516,15 +526,83 @@ def text_message(text: str, role: str = "user") -> dict[str, Any]:
 
 
 async def connect_openai(config: Config, timeout: float | None = None) -> ClientConnection:
-    """Open the Realtime WebSocket. Compression is off: base64 audio barely compresses."""
+    """Open the Realtime WebSocket. Compression is off: base64 audio barely compresses.
+
+    A ping every PING_INTERVAL seconds, answered within PING_TIMEOUT, finds a session whose
+    TCP connection stays open while nothing comes back; websockets' defaults take 40 s.
+    """
     return await connect(
         config.openai_url,
         additional_headers={"Authorization": f"Bearer {config.openai_api_key}"},
         compression=None,
         open_timeout=timeout or config.openai_connect_timeout,
         close_timeout=CLOSE_TIMEOUT,
+        ping_interval=PING_INTERVAL,
+        ping_timeout=PING_TIMEOUT,
         max_size=2**22,
     )
+
+
+class OpenAISession:
+    """One Realtime session, from its handshake to its close.
+
+    A call makes a new one for every session it uses, so nothing that a dead session
+    was told, confirmed or timed can leak into the next.
+    """
+
+    def __init__(self, socket: ClientConnection, opened_at: float) -> None:
+        self.socket = socket
+        self.opened_at = opened_at  # time.monotonic() of the handshake
+        self.told: Persona | None = None  # what the last session.update said
+        self.updates_sent = 0
+        self.updates_unanswered = 0  # session.update events OpenAI has neither confirmed nor refused
+        self.worked = False  # it has answered or heard the caller
+        self.end_reason = ""  # why the relay itself closed it: "rollover" or "expired"
+        self.rollover: asyncio.TimerHandle | None = None
+
+    @classmethod
+    async def dial(cls, config: Config, timeout: float | None = None) -> OpenAISession:
+        opened_at = time.monotonic()
+        return cls(await connect_openai(config, timeout), opened_at)
+
+    @property
+    def is_open(self) -> bool:
+        return self.socket.state is State.OPEN
+
+    @property
+    def configured(self) -> bool:
+        """OpenAI has answered every session.update sent, so the agent is who the call needs."""
+        return self.told is not None and not self.updates_unanswered
+
+    async def configure(self, config: Config, persona: Persona, tools: Mapping[str, Tool]) -> None:
+        """Tell OpenAI who the agent is, unless this session knows already."""
+        if self.told == persona:
+            return
+        self.told = persona
+        self.updates_sent += 1
+        self.updates_unanswered += 1
+        await self.send(session_update(config, persona, tools, f"session_update_{self.updates_sent}"))
+
+    def update_answered(self) -> None:
+        """session.updated, or an error about an update: the session keeps its old settings then."""
+        self.updates_unanswered = max(0, self.updates_unanswered - 1)
+
+    async def send(self, event: dict[str, Any] | str) -> None:
+        await self.socket.send(event if isinstance(event, str) else json.dumps(event))
+
+    def roll_over_after(self, seconds: float, callback: Callable[[], Any]) -> None:
+        """Call ``callback`` when this session is due for its planned rollover."""
+        self.rollover = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def stop_rollover(self) -> None:
+        if self.rollover is not None:
+            self.rollover.cancel()
+
+    async def close(self, reason: str = "") -> None:
+        """Close it; ``reason`` says why, when the relay closes it and the call goes on."""
+        self.end_reason = self.end_reason or reason
+        self.stop_rollover()
+        await self.socket.close()
 
 
 class WarmSessions:
@@ -536,31 +614,31 @@ class WarmSessions:
     minutes, and as soon as a call takes one.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, tools: Mapping[str, Tool]) -> None:
         self.config = config
-        self.ready: collections.deque[tuple[float, ClientConnection]] = collections.deque()
+        self.tools = tools
+        self.ready: collections.deque[OpenAISession] = collections.deque()
         self.taken = asyncio.Event()
 
-    def take(self) -> tuple[float, ClientConnection] | None:
-        """A configured session that is still open, and when it opened (keep_ready retires old ones)."""
+    def take(self) -> OpenAISession | None:
+        """A configured session that is still open (keep_ready retires old ones)."""
         while self.ready:
-            opened_at, session = self.ready.popleft()
+            session = self.ready.popleft()
             self.taken.set()
-            if session.state is State.OPEN:
-                return opened_at, session
+            if session.is_open:
+                return session
         return None
 
     async def keep_ready(self) -> None:
         """Dial until WARM_SESSIONS are ready; replace old and taken ones; runs until cancelled."""
-        loop = asyncio.get_running_loop()
         while True:
-            while self.ready and loop.time() - self.ready[0][0] >= WARM_SESSION_MAX_AGE:
-                await self.ready.popleft()[1].close()
+            while self.ready and self.age(self.ready[0]) >= WARM_SESSION_MAX_AGE:
+                await self.ready.popleft().close()
             missing = self.config.warm_sessions - len(self.ready)
             opened = await asyncio.gather(*(self.open_one() for _ in range(missing)), return_exceptions=True)
             for result in opened:
-                if isinstance(result, ClientConnection):
-                    self.ready.append((loop.time(), result))
+                if isinstance(result, OpenAISession):
+                    self.ready.append(result)
                 else:
                     logger.warning("could not open a warm OpenAI session: %s", result)
             if len(self.ready) < self.config.warm_sessions:
@@ -568,17 +646,21 @@ class WarmSessions:
                 continue
             self.taken.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(self.ready[0][0] + WARM_SESSION_MAX_AGE):
+                async with asyncio.timeout(WARM_SESSION_MAX_AGE - self.age(self.ready[0])):
                     await self.taken.wait()  # until a call takes one, or the oldest grows too old
 
-    async def open_one(self) -> ClientConnection:
-        session = await connect_openai(self.config)
+    @staticmethod
+    def age(session: OpenAISession) -> float:
+        return time.monotonic() - session.opened_at
+
+    async def open_one(self) -> OpenAISession:
+        session = await OpenAISession.dial(self.config)
         default = persona_for_call(self.config, {})  # the call's own values follow at its "start"
-        await session.send(json.dumps(session_update(self.config, default, "session_update_0")))
+        await session.configure(self.config, default, self.tools)
         return session
 
     async def close(self) -> None:
-        sessions = [session for _, session in self.ready]
+        sessions = list(self.ready)
         self.ready.clear()
         await asyncio.gather(*(session.close() for session in sessions))
 
@@ -649,6 +731,214 @@ def masked(target: str) -> str:
 
 
 # 4. One phone call -------------------------------------------------------------
+#
+# A call is a few small parts, each holding one kind of state:
+#   Floor       who may speak: every rule about asking the model for a response (no I/O)
+#   Phone       the Twilio side: agent audio out with its marks, and what the caller heard
+#   Transcript  the conversation as text, for a new session to carry on
+#   OpenAILink  the OpenAI side: the current session, what waits for one, and redialling
+#   Ending      a hang-up or transfer, once the last words have played
+#   Call        the two pumps, handing each event to the part it belongs to
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseRequest:
+    """A response.create the relay sent, until OpenAI answers it."""
+
+    event_id: str
+    instructions: str
+    covered: bool  # an answer was owed when it was sent: if it is refused, one still is
+    started: bool = False  # a response began while it was in flight
+
+
+@dataclasses.dataclass(frozen=True)
+class End:
+    """The floor's decision to end the call: hang up, or transfer to TRANSFER_TO."""
+
+    kind: str  # "hang_up" or "transfer"
+    reason: str
+
+
+Decision = dict[str, Any] | End | None  # a response.create to send, an ending to begin, or nothing
+ACTIVE_RESPONSE = "conversation_already_has_active_response"
+
+
+class Floor:
+    """Who may speak next: every rule about asking the model to speak, and no I/O.
+
+    The call tells it what happened and carries out what it decides: a response.create
+    to send, a hang-up or transfer to begin, or nothing. No other code sends
+    response.create or ends a call on the agent's behalf.
+
+    What it keeps:
+        session      an OpenAI session is up (none at call start, nor during a gap)
+        request      the relay's own response.create, sent and not answered yet
+        responding   a response is running: one the relay asked for, or one server VAD began
+        unconfirmed  items the relay added that OpenAI has not confirmed yet
+        owed         the conversation gained something that no response has seen
+        tools        function calls still running
+        ending       a hang-up or transfer asked for; ``ended`` once it has begun
+
+    Its states, derived from those (``state``):
+        ENDED        the hang-up or transfer has begun: nothing more is decided
+        BUSY         a request in flight, a response running, or a tool running
+        NO_SESSION   nothing going on, but no session to ask: only an ending may begin
+        FREE         nothing going on: an ending begins if asked for, else an owed answer
+
+    Events (each method that can decide returns the decision):
+        new_item()          the relay adds an item: owed, and unconfirmed until confirmed()
+        owe()               OpenAI ran an MCP tool, whose result it does not speak by itself
+        created()           responding; what OpenAI has confirmed counts as answered
+        done()              not responding; a request that saw a response begin is over
+        refused(id, code)   that request is over; what it covered is owed again, except when
+                            a plain request was refused for its own sake (it would be again)
+        tool_started(), tool_finished()   (the output that follows brings the decision)
+        end(kind, reason)   the ending waits for the floor to be free
+        end_now(kind, reason)  the ending begins whatever is going on
+        ending_failed()     Twilio refused a transfer: the call goes on
+        lost(kept)          the session is gone with its items, request and response
+        ready()             a session is up
+        say(instructions)   ask now if nothing is being said or asked, else not at all
+        greet(text)         say() once per call, once a session is up
+        pick_up(line)       a new session's first request, sent before what was kept for it
+    """
+
+    def __init__(self) -> None:
+        self.session = False
+        self.request: ResponseRequest | None = None
+        self.responding = False
+        self.unconfirmed: set[str] = set()
+        self.owed = False
+        self.tools = 0
+        self.ending: End | None = None
+        self.ended = False
+        self.greeted = False
+        self.caller_speaking = False
+        self.requests_sent = 0
+        self.items_added = 0
+
+    @property
+    def state(self) -> str:
+        if self.ended:
+            return "ENDED"
+        if self.request or self.responding or self.tools:
+            return "BUSY"
+        return "FREE" if self.session else "NO_SESSION"
+
+    @property
+    def owes_answer(self) -> bool:
+        """The agent was speaking, about to, or had something to answer."""
+        return self.owed or self.responding or self.request is not None
+
+    @property
+    def quiet(self) -> bool:
+        """Nobody speaks and nothing waits: a moment to move the call to a new session."""
+        return self.state in ("FREE", "NO_SESSION") and not (self.owed or self.caller_speaking)
+
+    def next(self) -> Decision:
+        """What happens now: the one place where the call is ended or an answer asked for."""
+        state = self.state
+        if state in ("ENDED", "BUSY"):
+            return None
+        if self.ending is not None:
+            self.ended = True
+            return self.ending
+        if state == "FREE" and self.owed:
+            return self.ask("")
+        return None
+
+    def ask(self, instructions: str) -> dict[str, Any]:
+        """A request that sees everything sent before it, so nothing is left owed."""
+        request = self.new_request(instructions, covered=self.owed)
+        self.owed = False
+        self.unconfirmed.clear()
+        return request
+
+    def new_request(self, instructions: str, covered: bool) -> dict[str, Any]:
+        self.requests_sent += 1
+        self.request = ResponseRequest(f"relay_response_{self.requests_sent}", instructions, covered)
+        return response_request(self.request.event_id, instructions)
+
+    def say(self, instructions: str) -> dict[str, Any] | None:
+        if self.ended or not self.session or self.request or self.responding:
+            return None
+        return self.ask(instructions)
+
+    def greet(self, greeting: str) -> dict[str, Any] | None:
+        if self.greeted or not self.session:
+            return None
+        self.greeted = True
+        return self.say(f"Greet the caller by saying exactly this: {greeting}")
+
+    def pick_up(self, line: str) -> dict[str, Any]:
+        return self.new_request(line, covered=False)
+
+    def new_item(self) -> str:
+        self.items_added += 1
+        item_id = f"relay_{self.items_added}"
+        self.unconfirmed.add(item_id)
+        self.owed = True
+        return item_id
+
+    def confirmed(self, item_id: Any) -> None:
+        self.unconfirmed.discard(item_id)
+
+    def owe(self) -> None:
+        self.owed = True
+
+    def created(self) -> None:
+        self.responding = True
+        if self.request is not None:
+            self.request = dataclasses.replace(self.request, started=True)
+        if not self.unconfirmed:  # it sees everything the relay added (OpenAI keeps the order)
+            self.owed = False
+
+    def done(self) -> Decision:
+        self.responding = False
+        if self.request is not None and self.request.started:
+            self.request = None
+        return self.next()
+
+    def refused(self, event_id: str, code: str) -> Decision:
+        request = self.request
+        if request is None or event_id != request.event_id:
+            return None
+        self.request = None
+        if code == ACTIVE_RESPONSE or request.instructions:
+            self.owed = self.owed or request.covered
+        return self.next()
+
+    def tool_started(self) -> None:
+        self.tools += 1
+
+    def tool_finished(self) -> None:
+        self.tools -= 1  # the decision comes with the output it brings: new_item(), then next()
+
+    def end(self, kind: str, reason: str) -> None:
+        if self.ending is None:
+            self.ending = End(kind, reason)
+
+    def end_now(self, kind: str, reason: str) -> Decision:
+        if self.ended:
+            return None
+        self.end(kind, reason)
+        self.ended = True
+        return self.ending
+
+    def ending_failed(self) -> None:
+        self.ending, self.ended = None, False
+
+    def lost(self, kept: set[str]) -> Decision:
+        self.session = False
+        self.request = None
+        self.responding = False
+        self.unconfirmed = set(kept)
+        self.owed = bool(kept)
+        return self.next()
+
+    def ready(self) -> Decision:
+        self.session = True
+        return self.next()
 
 
 def decoded_size(payload: str) -> int:
@@ -745,6 +1035,142 @@ class Playback:
         return Interruption(item_id, content_index, heard // BYTES_PER_MS, sent // BYTES_PER_MS)
 
 
+class Phone:
+    """The Twilio side as the relay speaks to it: the agent's audio with its marks, and clear.
+
+    ``playback`` says how much of that audio the caller has heard.
+    """
+
+    def __init__(self, twilio: ServerConnection, stats: Stats) -> None:
+        self.twilio = twilio
+        self.stats = stats
+        self.stream_sid = ""
+        self.sid_json = '""'  # the streamSid as a JSON string, for the hand-written messages
+        self.started = asyncio.Event()  # Twilio's "start" has named the stream
+        self.playback = Playback()
+
+    def start(self, stream_sid: str) -> None:
+        self.stream_sid = stream_sid
+        self.sid_json = json.dumps(stream_sid)
+        self.started.set()
+
+    async def play(self, event: dict[str, Any]) -> None:
+        """Forward one chunk of the agent's voice, with a mark to learn when it has been heard."""
+        delta, item_id = event.get("delta"), event.get("item_id")
+        if not isinstance(delta, str) or not isinstance(item_id, str) or not self.stream_sid:
+            return
+        if item_id in self.playback.muted:
+            self.stats.dropped["interrupted_answer"] += 1
+            return  # the rest of an answer the caller has already interrupted
+        size = decoded_size(delta)
+        self.stats.frames_out += 1
+        self.stats.bytes_out += size
+        mark = self.playback.sent(item_id, event.get("content_index", 0), size)
+        # Hand-written JSON: this runs for every chunk, and json.dumps of a dict costs more.
+        await self.twilio.send(
+            f'{{"event":"media","streamSid":{self.sid_json},"media":{{"payload":{json.dumps(delta)}}}}}'
+        )
+        if mark:
+            await self.send_mark(mark)
+
+    async def finish_item(self) -> None:
+        """The agent's item is complete (or no more of it will come): mark its unmarked tail."""
+        tail = self.playback.finish()
+        if tail:
+            await self.send_mark(tail)
+
+    async def send_mark(self, name: str) -> None:
+        await self.twilio.send(f'{{"event":"mark","streamSid":{self.sid_json},"mark":{{"name":"{name}"}}}}')
+
+    async def clear(self) -> Interruption | None:
+        """Stop the phone playing the agent's audio; say what was cut off, if anything was playing."""
+        cut = self.playback.interrupt()
+        if cut is not None:
+            await self.twilio.send(f'{{"event":"clear","streamSid":{self.sid_json}}}')
+        return cut
+
+
+class CallerAudio:
+    """The caller's frames on their way to OpenAI, joined in pairs while the relay runs late.
+
+    Twilio stamps each frame with its position in the stream. The smallest gap seen
+    between that and our clock is the network's delay; anything above it is the relay
+    running late. Then two frames are joined into one message (40 ms of audio), halving
+    the messages per call until the relay has caught up.
+    """
+
+    def __init__(self, send: Callable[[str], Awaitable[None]], spawn: Callable[[Awaitable[None]], Any]) -> None:
+        self.send = send
+        self.spawn = spawn
+        self.held = b""  # a frame waiting to be joined with the next one
+        self.timer: asyncio.TimerHandle | None = None  # sends it alone if no next frame comes
+        self.least_lag = float("inf")
+
+    async def frame(self, payload: str, audio: bytes, media: dict[str, Any]) -> None:
+        if self.held:
+            self.timer.cancel()  # type: ignore[union-attr]
+            audio, self.held = self.held + audio, b""
+            payload = binascii.b2a_base64(audio, newline=False).decode()
+        elif self.falling_behind(media):
+            self.held = audio  # sent with the next frame, which is most likely already here
+            self.timer = asyncio.get_running_loop().call_later(FRAME_SECONDS, lambda: self.spawn(self.flush()))
+            return
+        await self.forward(payload)
+
+    async def flush(self) -> None:
+        """Send a held frame on its own: no next frame came to join it within a frame's time."""
+        if self.held:
+            audio, self.held = self.held, b""
+            await self.forward(binascii.b2a_base64(audio, newline=False).decode())
+
+    async def forward(self, payload: str) -> None:
+        # The payload is valid base64, so it can go into the JSON as it is.
+        await self.send(f'{{"type":"input_audio_buffer.append","audio":"{payload}"}}')
+
+    def falling_behind(self, media: dict[str, Any]) -> bool:
+        """Is this frame being handled more than a frame later than Twilio's clock allows?"""
+        try:
+            lag = time.monotonic() - float(media["timestamp"]) / 1000
+        except (KeyError, TypeError, ValueError):
+            return False
+        if lag < self.least_lag:
+            self.least_lag = lag
+        return lag - self.least_lag > COALESCE_WHEN_LATE
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class BadInput(Exception):
+    """A Twilio frame the relay cannot use: what is wrong with it, and an excerpt."""
+
+    def __init__(self, problem: str, detail: str) -> None:
+        super().__init__(problem)
+        self.problem, self.detail = problem, detail
+
+
+def read_twilio_frame(message: str | bytes) -> dict[str, Any]:
+    """One Media Streams frame as a JSON object with an ``event`` name, or BadInput."""
+    if isinstance(message, bytes):
+        raise BadInput("binary frame", f"{len(message)} bytes")
+    try:
+        event = json.loads(message)
+    except ValueError:
+        raise BadInput("non-JSON text", repr(message[:80])) from None
+    if not isinstance(event, dict):
+        raise BadInput("JSON that is not an object", repr(message[:80]))
+    if not isinstance(event.get("event"), str):
+        raise BadInput("event without a valid 'event' field", repr(event)[:80])
+    return event
+
+
+def nested(event: dict[str, Any], outer: str, inner: str) -> Any:
+    """``event[outer][inner]``, or None where either is missing or not an object."""
+    value = event.get(outer)
+    return value.get(inner) if isinstance(value, dict) else None
+
+
 @dataclasses.dataclass
 class Turn:
     """One turn of the conversation, as text."""
@@ -820,15 +1246,260 @@ class Transcript:
         return bool(self.turns) and next(reversed(self.turns.values())).role == "user"
 
 
-class CallLog(logging.LoggerAdapter):
+class Outbox:
+    """Everything the call sends OpenAI: straight to the live session, or kept while there is none.
+
+    At call start and during a gap, the caller's audio waits here, and apart from it, so
+    that audio cannot push them out, the other events. Both are bounded; the oldest go first.
+    """
+
+    def __init__(self, stats: Stats, log: CallLog) -> None:
+        self.live: OpenAISession | None = None
+        self.audio: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EARLY_EVENT_LIMIT)
+        self.stats = stats
+        self.log = log
+
+    async def send(self, event: dict[str, Any] | str) -> None:
+        """Send an event (a string is caller audio), or keep it until a session is live."""
+        if self.live is not None:
+            try:
+                await self.live.send(event)
+                return
+            except ConnectionClosed:  # the OpenAI pump decides whether a new session takes over
+                self.live = None
+                if not isinstance(event, str) and not carries_over(event):
+                    return
+        kept: collections.deque[Any] = self.audio if isinstance(event, str) else self.events
+        if len(kept) == kept.maxlen:
+            what = "audio" if kept is self.audio else "event"
+            self.stats.dropped[f"early_{what}_overflow"] += 1
+            self.log.warn_once(what, "OpenAI is slow to connect: dropping the oldest caller %s kept for it", what)
+        kept.append(event)
+
+    async def go_live(self, session: OpenAISession) -> None:
+        """Send what was kept, events first, then send everything at once.
+
+        The Twilio pump keeps queueing while this awaits, so nothing overtakes; each
+        message leaves the queue only once sent, so a session that dies meanwhile loses none.
+        """
+        while self.events or self.audio:
+            if self.events:
+                await session.send(self.events[0])
+                self.events.popleft()
+            else:
+                await session.send(self.audio[0])
+                self.audio.popleft()
+        self.live = session
+
+    def pause(self) -> set[str]:
+        """No session for now: keep what still means something to the next; return those items' ids."""
+        self.live = None
+        self.events = collections.deque(filter(carries_over, self.events), maxlen=EARLY_EVENT_LIMIT)
+        return {event["item"]["id"] for event in self.events}
+
+
+class OpenAILink:
+    """The call's way to OpenAI: one session after another, with the outbox in front of them.
+
+    It takes a warm session or dials one, configures it, and tells it the conversation so
+    far. With SESSION_CONTINUITY a session that ends is replaced within RECONNECT_SECONDS.
+    """
+
+    def __init__(self, call: Call) -> None:
+        self.call = call  # whose persona each session is told
+        self.config = call.config
+        self.relay = call.relay
+        self.log = call.log
+        self.on_due = lambda session: call.spawn(call.roll_over(session))  # the planned rollover
+        self.outbox = Outbox(call.relay.stats, call.log)
+        self.session: OpenAISession | None = None  # the newest; None before the first
+        self.gap_deadline: float | None = None  # when a call between two sessions gives up
+        self.failed = False  # OpenAI failed the call: Twilio then runs the TwiML after <Connect>
+
+    async def open(self, deadline: float | None, history: list[dict[str, Any]]) -> bool:
+        """Get a configured session that has been told ``history``.
+
+        Without a ``deadline`` the first failure ends the call. With one, failures are
+        retried with a short backoff until then, except a 401 or 403: a key problem that
+        retrying cannot mend. A failure is logged, counted, and hands the call back to Twilio.
+        """
+        backoff = 0.1
+        while True:
+            problem, retry = await self.try_session(deadline, history)
+            if not problem:
+                return True
+            if not retry or deadline is None or time.monotonic() + backoff >= deadline:
+                self.fail(problem)
+                return False
+            self.log.warning("OpenAI %s: trying again", problem)
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, 1.0)
+
+    async def try_session(self, deadline: float | None, history: list[dict[str, Any]]) -> tuple[str, bool]:
+        """One attempt at a configured session; returns what went wrong and whether to retry."""
+        timeout = self.config.openai_connect_timeout
+        try:
+            session = self.relay.warm.take()
+            if session is not None:
+                self.log.info("OpenAI connected: using a warm session")
+            else:
+                if deadline is not None:
+                    timeout = max(0.1, min(timeout, deadline - time.monotonic()))
+                session = await OpenAISession.dial(self.config, timeout)
+                seconds = time.monotonic() - session.opened_at
+                self.relay.stats.openai_connect.observe(seconds)
+                self.log.info("OpenAI connected in %.0f ms", seconds * 1000)
+            self.session = session
+            await session.configure(self.config, self.call.persona, self.relay.tools)
+            for event in history:
+                await session.send(event)
+        except InvalidStatus as refused:
+            status = refused.response.status_code
+            return f"refused the connection: HTTP {status}", status not in (401, 403)
+        except TimeoutError:
+            return f"did not answer within {timeout:g} s", True
+        except ConnectionClosed as closed:
+            return f"closed the new session at once: {closed}", True
+        except (OSError, InvalidHandshake) as error:
+            return f"could not be reached: {error}", True
+        if self.config.session_continuity:
+            due = session.opened_at + self.config.session_rollover_seconds
+            session.roll_over_after(due - time.monotonic(), lambda: self.on_due(session))
+        return "", False
+
+    async def pace_redials(self, reason: str, gap_started: float) -> bool:
+        """Give the gap its RECONNECT_SECONDS, unless it goes on from a session that never worked.
+
+        A new session that OpenAI closed before it did anything (no answer, no speech
+        heard) did not end the gap: the relay pauses before the next one and gives up at
+        the same deadline.
+        """
+        session = self.session
+        assert session is not None
+        lived = gap_started - session.opened_at
+        if (reason != "dropped" or self.gap_deadline is None or session.worked
+                or lived >= self.config.reconnect_seconds):
+            self.gap_deadline = gap_started + self.config.reconnect_seconds
+        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
+            await asyncio.sleep(REDIAL_PAUSE)
+        else:
+            self.fail(f"closed every new session within {self.config.reconnect_seconds:g} s")
+            return False
+        return True
+
+    def fail(self, what: str) -> None:
+        """Log and count an OpenAI failure; the call then ends and goes back to Twilio."""
+        self.relay.count_error("openai_connection")
+        self.failed = True
+        self.log.error("OpenAI %s", what)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+
+class Ending:
+    """How the relay ends a call: once the last words have played, hang up or transfer.
+
+    With REST call control, Twilio is asked to complete (or redirect) the call, so the
+    caller hears nothing after the agent. Otherwise, or if Twilio refuses a hang-up,
+    closing the socket makes Twilio run the TwiML after ``<Connect>``.
+    """
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.task: asyncio.Task[None] | None = None  # the hang-up or transfer under way
+
+    async def carry_out(self, end: End) -> str:
+        """End the call as decided; return why a transfer failed, if it did."""
+        await self.let_playback_finish("the handover line" if end.kind == "transfer" else "the goodbye")
+        if end.kind == "transfer":
+            return await self.transfer()
+        await self.hang_up(end.reason)
+        return ""
+
+    async def let_playback_finish(self, what: str) -> None:
+        """Wait until the caller has heard the agent's last words (at most a few seconds)."""
+        try:
+            async with asyncio.timeout(GOODBYE_PLAYBACK_LIMIT):
+                await self.call.phone.playback.drained.wait()
+        except TimeoutError:
+            self.call.log.warning("%s is still playing after %g s", what, GOODBYE_PLAYBACK_LIMIT)
+
+    async def hang_up(self, reason: str) -> None:
+        call = self.call
+        call.log.info("hanging up: %s", reason)
+        if call.config.twilio_rest and call.call_sid:
+            with contextlib.suppress(TwilioError):
+                await call.twilio_rest("hang up", "", {"Status": "completed"})
+        await call.phone.twilio.close(1000, "call ended")
+
+    async def transfer(self) -> str:
+        """Have Twilio dial TRANSFER_TO for this caller; Twilio then stops the stream."""
+        call = self.call
+        target = masked(call.config.transfer_to)
+        call.log.info("transferring to %s", target)
+        try:
+            await call.twilio_rest("transfer", "", {"Twiml": transfer_twiml(call.config)})
+        except TwilioError as error:
+            call.relay.stats.transfers["failed"] += 1
+            return str(error)
+        call.relay.stats.transfers["ok"] += 1
+        call.log.info("transferred to %s", target)
+        return ""
+
+
+async def call_tool(call: Call, name: str, arguments: Any) -> tuple[str, str]:
+    """Call a tool with the model's arguments; return the outcome and the JSON output.
+
+    Nothing the model or the tool does raises here: every failure becomes an
+    ``{"error": ...}`` output the model can read and talk about.
+    """
+    tool = call.relay.tools.get(name)
+    if tool is None or not tool.offered_if(call.config):
+        call.log.warning("the model called an unknown tool %r", name[:64])
+        return "unknown_tool", json.dumps({"error": f"There is no tool named {name!r}."})
+    try:
+        parsed = json.loads(arguments or "{}")
+        if not isinstance(parsed, dict):
+            raise ValueError("the arguments must be a JSON object")
+        bound = inspect.signature(tool.function).bind(call, **parsed)
+    except (ValueError, TypeError) as error:
+        call.log.warning("tool %s: bad arguments from the model: %s", name, error)
+        return "bad_arguments", json.dumps({"error": f"Bad arguments: {error}"})
+    call.log.debug("tool %s arguments: %s", name, parsed)  # DEBUG only: they may be personal data
+    try:
+        async with asyncio.timeout(tool.timeout):
+            result = await tool.function(*bound.args, **bound.kwargs)
+        return "ok", json.dumps(result)
+    except TimeoutError:
+        call.log.warning("tool %s did not finish within %g s", name, tool.timeout, exc_info=True)
+        return "timeout", json.dumps({"error": f"The tool did not finish within {tool.timeout:g} seconds."})
+    except Exception as error:  # a tool's bug must not end the call
+        call.log.warning("tool %s failed", name, exc_info=True)
+        return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
+
+
+class CallLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefix every line with the call it belongs to, so busy logs stay readable."""
 
+    def __init__(self, call: Call) -> None:
+        super().__init__(logger, {"call": call})
+        self.warned: set[str] = set()
+
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['call'].label}] {msg}", kwargs
+        return f"[{self.extra['call'].label}] {msg}", kwargs  # type: ignore[index, union-attr]
+
+    def warn_once(self, kind: str, msg: str, *args: Any) -> None:
+        """Warn about a kind of problem the first time it happens in this call."""
+        if kind not in self.warned:
+            self.warned.add(kind)
+            self.warning(msg, *args)
 
 
 class Call:
-    """One phone call: the Twilio socket, the OpenAI socket, and the two pumps between them.
+    """One phone call: the two pumps, handing each event to the part it belongs to.
 
     Tools get the call too: ``call_sid``, ``stream_sid``, ``started_at`` and ``parameters``
     (the ``<Parameter>``s of the TwiML) say which call it is, and ``log`` names it.
@@ -836,67 +1507,35 @@ class Call:
 
     def __init__(self, relay: Relay, twilio: ServerConnection, number: int) -> None:
         self.relay = relay
-        self.config = relay.config
-        self.twilio = twilio
         self.number = number
-        self.openai: ClientConnection | None = None
-        self.stream_sid = ""
-        self.sid_json = '""'  # the streamSid as a JSON string, for the hand-written messages
         self.call_sid = ""
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.parameters: dict[str, str] = {}  # the stream's <Parameter>s
-        self.stream_started = asyncio.Event()
-        # What arrives while OpenAI is still connecting (or reconnecting), sent once it is ready:
-        # the caller's audio, and apart from it, so that audio cannot push them out, other events.
-        self.early: collections.deque[str] = collections.deque(maxlen=EARLY_AUDIO_LIMIT)
-        self.early_events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EARLY_EVENT_LIMIT)
-        self.openai_ready = False
-        self.held_audio = b""  # a caller frame waiting to be joined with the next one
-        self.held_timer: asyncio.TimerHandle | None = None  # sends it alone if no next frame comes
-        self.least_lag = float("inf")  # see falling_behind()
-        self.persona = persona_for_call(self.config, {})  # made the call's own at "start"
-        self.told_persona: Persona | None = None  # what the OpenAI session was last told
-        self.updates_sent = 0
-        self.updates_unanswered = 0  # session.update events OpenAI has not yet confirmed
-        self.greeted = False
-        self.responding = False  # from response.create (ours) or response.created, to response.done
-        self.unanswered = False  # the conversation gained something the model has yet to answer
-        self.items_added = 0
-        self.unconfirmed: set[str] = set()  # items the relay added that OpenAI has not yet confirmed
+        self.persona = persona_for_call(relay.config, {})  # made the call's own at "start"
+        self.log = CallLog(self)
         self.tasks: set[asyncio.Task[None]] = set()  # everything the call runs beside its pumps
-        self.tools_running: set[asyncio.Task[None]] = set()
-        self.playback = Playback()
+        self.floor = Floor()
+        self.phone = Phone(twilio, relay.stats)
         self.transcript = Transcript()  # the conversation as text, for a new session to carry on
-        self.caller_speaking = False
-        self.sessions = 1  # OpenAI sessions this call has had
-        self.session_end_reason = ""  # why the relay itself closes a session: "rollover", "expired"
-        self.rollover: asyncio.TimerHandle | None = None  # when this session is due for its planned rollover
-        self.session_started = 0.0  # when the current OpenAI session was opened or taken
-        self.session_worked = False  # it has answered or heard the caller: a drop now is a new gap
-        self.gap_deadline: float | None = None  # when a call between two sessions gives up
-        self.hang_up_reason = ""  # set when the relay decides to end the call
-        self.transferring = False  # set when the agent hands the caller to a person
-        self.ending: asyncio.Task[None] | None = None  # the hang-up or transfer under way
-        self.warned: set[str] = set()
-        self.close_code = 1000  # 1011 when OpenAI failed; either way Twilio goes on with the TwiML
-        self.log = CallLog(logger, {"call": self})
-        self.stats = relay.stats
+        self.link = OpenAILink(self)
+        self.caller_audio = CallerAudio(self.link.outbox.send, self.spawn)
+        self.ending = Ending(self)
+
+    @property
+    def config(self) -> Config:
+        return self.relay.config
+
+    @property
+    def stream_sid(self) -> str:
+        return self.phone.stream_sid
 
     @property
     def label(self) -> str:
         return f"call {self.number} {self.call_sid or '-'} {self.stream_sid or '-'}"
 
-    @property
-    def session_configured(self) -> bool:
-        """OpenAI has confirmed every session.update sent, so the agent is who this call needs."""
-        return self.told_persona is not None and not self.updates_unanswered
-
     async def run(self) -> None:
         """Run both pumps until either side ends, then close both sockets."""
-        pumps = [
-            asyncio.create_task(self.twilio_to_openai()),
-            asyncio.create_task(self.openai_to_twilio()),
-        ]
+        pumps = [asyncio.create_task(self.twilio_to_openai()), asyncio.create_task(self.openai_to_twilio())]
         timer = asyncio.create_task(self.watch_the_clock())
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
@@ -905,18 +1544,15 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
-            if self.ending is not None:  # let a hang-up or transfer that Twilio has begun finish
-                await asyncio.wait({self.ending}, timeout=TWILIO_REST_TIMEOUT)
-            for timer_handle in (self.held_timer, self.rollover):
-                if timer_handle is not None:
-                    timer_handle.cancel()
+            if self.ending.task is not None:  # let a hang-up or transfer that Twilio has begun finish
+                await asyncio.wait({self.ending.task}, timeout=TWILIO_REST_TIMEOUT)
+            self.caller_audio.stop()
             tasks = [*pumps, timer, *self.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            if self.openai is not None:
-                await self.openai.close()
-            await self.twilio.close(self.close_code)
+            await self.link.close()
+            await self.phone.twilio.close(1011 if self.link.failed else 1000)
 
     def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         """Run ``work`` beside the pumps, as part of this call: it ends with the call."""
@@ -925,44 +1561,49 @@ class Call:
         task.add_done_callback(self.tasks.discard)
         return task
 
-    async def to_openai(self, event: dict[str, Any] | str) -> None:
-        """Send an event (a string is caller audio) to OpenAI, or keep it until a session is ready."""
-        if self.openai_ready:
-            try:
-                await self.openai.send(event if isinstance(event, str) else json.dumps(event))  # type: ignore[union-attr]
-                return
-            except ConnectionClosed:  # the OpenAI pump decides whether a new session takes over
-                self.openai_ready = False
-                if not isinstance(event, str) and not carries_over(event):
-                    return
-        kept: collections.deque[Any] = self.early if isinstance(event, str) else self.early_events
-        if len(kept) == kept.maxlen:
-            what = "audio" if kept is self.early else "event"
-            self.stats.dropped[f"early_{what}_overflow"] += 1
-            if what not in self.warned:
-                self.warned.add(what)
-                self.log.warning("OpenAI is slow to connect: dropping the oldest caller %s kept for it", what)
-        kept.append(event)
+    async def carry_out(self, decision: Decision) -> None:
+        """Do what the floor decided: ask for a response, or begin the hang-up or transfer."""
+        if isinstance(decision, End):
+            self.ending.task = self.spawn(self.finish(decision))
+        elif decision is not None:
+            await self.link.outbox.send(decision)
+
+    async def finish(self, end: End) -> None:
+        failure = await self.ending.carry_out(end)
+        if failure:  # the agent is told, so it can apologise and carry on: never silence
+            self.floor.ending_failed()
+            note = f"The transfer failed: {failure}. Apologise to the caller and go on helping them yourself."
+            await self.add_to_conversation(text_message(note, role="system"))
+
+    async def add_to_conversation(self, item: dict[str, Any]) -> None:
+        """Give the model something to answer (a tool's output, a keypad press, a note).
+
+        The item gets an id of the relay's own, so that OpenAI's confirmation tells
+        the floor whether a response that starts meanwhile has seen it.
+        """
+        item["id"] = self.floor.new_item()
+        await self.link.outbox.send({"type": "conversation.item.create", "item": item})
+        await self.carry_out(self.floor.next())
+
+    # For tools such as end_call: the call ends once the current answer has been played.
+
+    def end_after_answer(self, reason: str) -> None:
+        self.floor.end("hang_up", reason)
+
+    def transfer_after_answer(self) -> None:
+        self.floor.end("transfer", "the agent transferred the call")
 
     # Twilio -> OpenAI
 
     async def twilio_to_openai(self) -> None:
         """Forward the caller's audio to OpenAI until Twilio says ``stop`` or hangs up."""
         try:
-            async for message in self.twilio:
-                if isinstance(message, bytes):
-                    self.bad_input("binary frame", f"{len(message)} bytes")
-                    continue
+            async for message in self.phone.twilio:
                 try:
-                    event = json.loads(message)
-                except ValueError:
-                    self.bad_input("non-JSON text", repr(message[:80]))
-                    continue
-                if not isinstance(event, dict):
-                    self.bad_input("JSON that is not an object", repr(message[:80]))
-                    continue
-                if not await self.on_twilio_event(event):
-                    return
+                    if not await self.on_twilio_event(read_twilio_frame(message)):
+                        return
+                except BadInput as bad:
+                    self.bad_input(bad.problem, bad.detail)
         except ConnectionClosed as closed:
             if closed.sent is not None and closed.sent.code == 1009:
                 self.relay.count_error("twilio_frame_too_big")
@@ -973,360 +1614,185 @@ class Call:
 
     async def on_twilio_event(self, event: dict[str, Any]) -> bool:
         """Handle one Twilio event; return False when the stream is over."""
-        kind = event.get("event")
+        kind = event["event"]
         if kind == "media":
             await self.on_media(event)
         elif kind == "mark":
-            self.on_mark(event)
+            name = nested(event, "mark", "name")
+            if not isinstance(name, str):
+                raise BadInput("mark without mark.name", repr(event)[:120])
+            self.phone.playback.played(name)
         elif kind == "start":
             await self.on_start(event)
         elif kind == "dtmf":
             await self.on_dtmf(event)
         elif kind == "stop":
-            if self.transferring:
-                self.log.info("Twilio stopped the stream: the call is being transferred")
-            elif self.hang_up_reason:
-                self.log.info("Twilio stopped the stream: the relay is hanging up")
-            else:
-                self.log.info("the caller hung up (Twilio stopped the stream)")
-            await self.send_held_audio()
+            self.log_stop()
+            await self.caller_audio.flush()
             return False
         elif kind == "connected":
             self.log.debug("Twilio connected")
-        elif isinstance(kind, str):
-            self.log.debug("ignoring unknown Twilio event %r", kind)
         else:
-            self.bad_input("event without a valid 'event' field", repr(event)[:80])
+            self.log.debug("ignoring unknown Twilio event %r", kind)
         return True
+
+    def log_stop(self) -> None:
+        ending = self.floor.ending
+        if ending is None:
+            self.log.info("the caller hung up (Twilio stopped the stream)")
+        elif ending.kind == "transfer":
+            self.log.info("Twilio stopped the stream: the call is being transferred")
+        else:
+            self.log.info("Twilio stopped the stream: the relay is hanging up")
 
     async def on_start(self, event: dict[str, Any]) -> None:
         start = event.get("start")
         if not isinstance(start, dict) or not isinstance(start.get("streamSid"), str):
-            self.bad_input("start without start.streamSid", repr(event)[:120])
-            return
-        self.stream_sid = start["streamSid"]
-        self.sid_json = json.dumps(self.stream_sid)
+            raise BadInput("start without start.streamSid", repr(event)[:120])
         self.call_sid = str(start.get("callSid", ""))
         parameters = start.get("customParameters")
         if isinstance(parameters, dict):
             self.parameters = {str(name): str(value) for name, value in parameters.items()}
+        self.phone.start(start["streamSid"])
         # Names only: the values may be personal data.
         self.log.info("stream started (custom parameters: %s)", ", ".join(sorted(self.parameters)) or "none")
         voice = self.parameters.get("voice")
         if voice is not None and voice not in VOICES:
             self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
         self.persona = persona_for_call(self.config, self.parameters)
-        self.stream_started.set()
         if self.config.record_calls and self.call_sid:
             self.spawn(self.record())
-        if self.told_persona is not None:  # the session was configured before "start" came
+        session = self.link.session
+        if session is not None and session.told is not None:  # the session was configured before "start"
             with contextlib.suppress(ConnectionClosed):  # it dropped: the next session is told anyway
-                await self.configure_session()
+                await session.configure(self.config, self.persona, self.relay.tools)
         await self.greet()
 
     async def on_media(self, event: dict[str, Any]) -> None:
         if not self.stream_sid:
-            self.bad_input("media before start", "dropped")
-            return
-        media = event.get("media")
-        payload = media.get("payload") if isinstance(media, dict) else None
+            raise BadInput("media before start", "dropped")
+        payload = nested(event, "media", "payload")
         if not isinstance(payload, str):
-            self.bad_input("media without media.payload", repr(event)[:120])
-            return
+            raise BadInput("media without media.payload", repr(event)[:120])
         try:
             audio = binascii.a2b_base64(payload, strict_mode=True)
         except binascii.Error:
-            self.bad_input("media payload that is not base64", repr(payload[:40]))
-            return
-        self.stats.frames_in += 1
-        self.stats.bytes_in += len(audio)
-        if self.held_audio:
-            self.held_timer.cancel()  # type: ignore[union-attr]
-            audio, self.held_audio = self.held_audio + audio, b""
-            payload = binascii.b2a_base64(audio, newline=False).decode()
-        elif self.falling_behind(media):
-            self.held_audio = audio  # sent with the next frame, which is most likely already here
-            self.held_timer = asyncio.get_running_loop().call_later(
-                FRAME_SECONDS, lambda: self.spawn(self.send_held_audio())
-            )
-            return
-        await self.send_caller_audio(payload)
-
-    async def send_held_audio(self) -> None:
-        """Send a held frame on its own: no next frame came to join it within a frame's time."""
-        if self.held_audio:
-            audio, self.held_audio = self.held_audio, b""
-            await self.send_caller_audio(binascii.b2a_base64(audio, newline=False).decode())
-
-    async def send_caller_audio(self, payload: str) -> None:
-        # The payload is valid base64, so it can go into the JSON as it is.
-        await self.to_openai(f'{{"type":"input_audio_buffer.append","audio":"{payload}"}}')
-
-    def falling_behind(self, media: dict[str, Any]) -> bool:
-        """Is this frame being handled more than a frame later than Twilio's clock allows?
-
-        Twilio stamps each frame with its position in the stream. The smallest gap seen
-        between that and our clock is the network's delay; anything above it is the relay
-        running late. Then two frames are joined into one message (40 ms of audio),
-        halving the messages per call until the relay has caught up.
-        """
-        try:
-            lag = time.monotonic() - float(media["timestamp"]) / 1000
-        except (KeyError, TypeError, ValueError):
-            return False
-        if lag < self.least_lag:
-            self.least_lag = lag
-        return lag - self.least_lag > COALESCE_WHEN_LATE
-
-    def on_mark(self, event: dict[str, Any]) -> None:
-        mark = event.get("mark")
-        name = mark.get("name") if isinstance(mark, dict) else None
-        if not isinstance(name, str):
-            self.bad_input("mark without mark.name", repr(event)[:120])
-            return
-        self.playback.played(name)
+            raise BadInput("media payload that is not base64", repr(payload[:40])) from None
+        self.relay.stats.frames_in += 1
+        self.relay.stats.bytes_in += len(audio)
+        await self.caller_audio.frame(payload, audio, event["media"])
 
     async def on_dtmf(self, event: dict[str, Any]) -> None:
         """A keypad press becomes a line of text for the model, so it can run menus."""
-        dtmf = event.get("dtmf")
-        digit = dtmf.get("digit") if isinstance(dtmf, dict) else None
+        digit = nested(event, "dtmf", "digit")
         if not isinstance(digit, str) or len(digit) != 1 or digit not in "0123456789*#ABCD":
-            self.bad_input("dtmf without a valid dtmf.digit", repr(event)[:120])
-            return
+            raise BadInput("dtmf without a valid dtmf.digit", repr(event)[:120])
         if not self.config.dtmf:
             return
         self.log.info("the caller pressed a key")  # not which one: it may be a PIN
         press = f"The caller pressed {digit} on the keypad."
         await self.add_to_conversation(text_message(press))
         self.transcript.note("user", press)
-        await self.answer_when_free()
 
     def bad_input(self, problem: str, detail: str) -> None:
         """Count bad input from Twilio, and warn once per kind of problem per call."""
         self.relay.count_error("bad_twilio_input")
-        if problem not in self.warned:
-            self.warned.add(problem)
-            self.log.warning("ignoring bad input from Twilio: %s (%s)", problem, detail)
+        self.log.warn_once(problem, "ignoring bad input from Twilio: %s (%s)", problem, detail)
 
     # OpenAI -> Twilio
 
     async def openai_to_twilio(self) -> None:
-        """Open the OpenAI session, then forward the agent's audio to Twilio.
-
-        With SESSION_CONTINUITY a session that drops, expires or is due for its planned
-        rollover is replaced, and the call goes on; otherwise its end ends the call.
-        """
-        if not await self.open_session(deadline=None):  # a refusal at call start fails fast
+        """Forward the agent's audio to Twilio, from one OpenAI session after another."""
+        if not await self.link.open(deadline=None, history=[]):  # a refusal at call start fails fast
             return
-        while reason := await self.forward_agent_audio():
-            if not await self.restore_session(reason):
+        await self.carry_out(self.floor.ready())
+        while True:
+            session = self.link.session
+            assert session is not None
+            try:
+                await self.link.outbox.go_live(session)
+                async for message in session.socket:
+                    await self.on_openai_message(session, message)
+            except ConnectionClosed:
+                if session.is_open:
+                    return  # Twilio went away while we were sending: its pump ends the call
+            if not await self.after_session(session):
                 return
 
-    async def open_session(self, deadline: float | None, history: list[dict[str, Any]] | None = None) -> bool:
-        """Take a warm session or dial one, configure it and tell it ``history``.
+    async def after_session(self, session: OpenAISession) -> bool:
+        """A session has ended: end the call as the agent asked, or carry it on in a new one.
 
-        Without a ``deadline`` the first failure ends the call. With one, failures are
-        retried with a short backoff until then, except a 401 or 403: a key problem
-        that retrying cannot mend. A failure is logged, counted, and hands the call back
-        to Twilio.
+        No more of the agent's audio can come, so what was sent is marked to the end and
+        the ending waits only for it to play. With SESSION_CONTINUITY off, the call ends.
         """
-        backoff = 0.1
-        while True:
-            problem, retry = await self.try_session(deadline, history or [])
-            if not problem:
-                return True
-            if not retry or deadline is None or time.monotonic() + backoff >= deadline:
-                self.openai_failed(problem)
-                return False
-            self.log.warning("OpenAI %s: trying again", problem)
-            await asyncio.sleep(backoff)
-            backoff = min(2 * backoff, 1.0)
-
-    async def try_session(self, deadline: float | None, history: list[dict[str, Any]]) -> tuple[str, bool]:
-        """One attempt at a configured session; returns what went wrong and whether to retry."""
-        warm = self.relay.warm.take()
-        timeout = self.config.openai_connect_timeout
-        try:
-            if warm is not None:
-                opened_at, self.openai = warm
-                self.told_persona, self.updates_unanswered = persona_for_call(self.config, {}), 1
-                self.log.info("OpenAI connected: using a warm session")
-            else:
-                if deadline is not None:
-                    timeout = max(0.1, min(timeout, deadline - time.monotonic()))
-                started = time.monotonic()
-                self.openai = await connect_openai(self.config, timeout)
-                self.stats.openai_connect.observe(time.monotonic() - started)
-                self.log.info("OpenAI connected in %.0f ms", (time.monotonic() - started) * 1000)
-                opened_at, self.told_persona, self.updates_unanswered = started, None, 0
-            await self.configure_session()
-            for event in history:
-                await self.openai.send(json.dumps(event))
-        except InvalidStatus as refused:
-            status = refused.response.status_code
-            return f"refused the connection: HTTP {status}", status not in (401, 403)
-        except TimeoutError:
-            return f"did not answer within {timeout:g} s", True
-        except ConnectionClosed as closed:
-            return f"closed the new session at once: {closed}", True
-        except (OSError, InvalidHandshake) as error:
-            return f"could not be reached: {error}", True
-        self.session_started, self.session_worked = time.monotonic(), False
-        if self.config.session_continuity:
-            if self.rollover is not None:
-                self.rollover.cancel()
-            session, due = self.openai, opened_at + self.config.session_rollover_seconds
-            self.rollover = asyncio.get_running_loop().call_later(
-                due - time.monotonic(), lambda: self.spawn(self.roll_over(session))
-            )
-        return "", False
-
-    async def forward_agent_audio(self) -> str:
-        """Carry one session's events to Twilio until it ends; return why, if the call goes on."""
-        openai = self.openai
-        assert openai is not None
-        try:
-            await self.go_live()
-            async for message in openai:
-                await self.on_openai_message(message)
-        except ConnectionClosed:
-            if openai.state is State.OPEN:
-                return ""  # Twilio went away while we were sending: its pump ends the call
-        if self.hang_up_reason or self.transferring:  # the agent had finished: end the call as it asked
-            self.responding = False
-            await self.answer_when_free()
-        ending = self.ending
-        if ending is not None:
-            await asyncio.wait({ending})
-            if self.ending is not None:
-                return ""  # hung up or transferred
-        reason, self.session_end_reason = self.session_end_reason or "dropped", ""
-        what = f"closed the session mid-call: code {openai.close_code} {openai.close_reason!r}"
+        session.stop_rollover()
+        if self.floor.ending is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self.phone.finish_item()
+            await self.carry_out(self.floor.lost(set()))
+            if self.ending.task is not None:
+                await asyncio.wait({self.ending.task})
+            if self.floor.ended:
+                return False  # hung up or transferred; a failed transfer carries on
+        reason = session.end_reason or "dropped"
+        what = f"closed the session mid-call: code {session.socket.close_code} {session.socket.close_reason!r}"
         if not self.config.session_continuity:
-            self.openai_failed(what)
-            return ""
+            self.link.fail(what)
+            return False
         if reason == "dropped":
             self.relay.count_error("openai_connection")
             self.log.warning("OpenAI %s: carrying the call over to a new session", what)
-        return reason
+        return await self.restore(reason)
 
-    async def restore_session(self, reason: str) -> bool:
+    async def restore(self, reason: str) -> bool:
         """Carry the call over to a new OpenAI session, within RECONNECT_SECONDS.
 
         The phone is cleared of the old session's audio (its items are gone with it). The
-        caller's audio waits in ``early`` meanwhile, as at call start, and goes to the new
+        caller's audio waits in the outbox meanwhile, as at call start, and goes to the new
         session after the conversation so far (as text) and, if the agent owed an answer,
-        one ``response.create``: if the caller spoke during the gap, that speech
-        interrupts the pick-up line as any barge-in does, and the agent answers it.
+        one response.create: if the caller spoke during the gap, that speech interrupts
+        the pick-up line as any barge-in does, and the agent answers it.
         """
         gap_started = time.monotonic()
-        self.openai_ready = False
-        self.told_persona, self.updates_unanswered = None, 0  # the new session is told afresh
-        agent_was_talking = self.responding or not self.playback.drained.is_set()
-        cut = self.playback.interrupt()
-        if cut is not None:
-            self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
-        self.sessions += 1  # tools still running answer in the conversation instead
-        history = self.transcript.items()  # now: what the gap adds is kept in early_events
-        waiting = agent_was_talking or self.unanswered or self.transcript.caller_waits()
+        waiting = (self.floor.owes_answer or not self.phone.playback.drained.is_set()
+                   or self.transcript.caller_waits())
+        with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
+            cut = await self.phone.clear()
+            if cut is not None:
+                self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
+        history = self.transcript.items()
+        # What was kept for a session since the drop follows the pick-up if it still means
+        # something (see carries_over), and stays owed until a response sees it.
+        await self.carry_out(self.floor.lost(self.link.outbox.pause()))
         line = CARRY_ON_AFTER_ROLLOVER if reason == "rollover" else PICK_UP_AFTER_DROP
-        pick_up = [respond(line)] if waiting else []
-        # The pick-up answers everything the old session saw. What was kept for a session
-        # since the drop follows it if it still means something (see carries_over), and
-        # stays unanswered until a response sees it. Nothing else asks for a response until
-        # the new session is up.
-        self.early_events = collections.deque(filter(carries_over, self.early_events), maxlen=EARLY_EVENT_LIMIT)
-        self.unconfirmed = {event["item"]["id"] for event in self.early_events}
-        self.responding, self.unanswered = True, bool(self.unconfirmed)
-        if cut is not None:
-            with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
-                await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
-        if not await self.pace_redials(reason, gap_started):
+        pick_up = [self.floor.pick_up(line)] if waiting else []
+        if not await self.link.pace_redials(reason, gap_started):
             return False
-        if not await self.open_session(self.gap_deadline, history + pick_up):
+        if not await self.link.open(self.link.gap_deadline, history + pick_up):
             return False
-        self.responding = waiting
-        await self.answer_when_free()
-        self.stats.reconnects[reason] += 1
+        await self.carry_out(self.floor.ready())
+        self.relay.stats.reconnects[reason] += 1
         self.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
                       "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
                       len(history), ", the agent picks up" if waiting else "")
         return True
 
-    async def pace_redials(self, reason: str, gap_started: float) -> bool:
-        """Give the gap its RECONNECT_SECONDS, unless it is the last gap going on.
-
-        A new session that OpenAI closed before it did anything (no answer, no speech
-        heard) did not end the gap: the relay pauses before the next one and gives up at
-        the same deadline.
-        """
-        lived = gap_started - self.session_started
-        if (reason != "dropped" or self.gap_deadline is None or self.session_worked
-                or lived >= self.config.reconnect_seconds):
-            self.gap_deadline = gap_started + self.config.reconnect_seconds
-        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
-            await asyncio.sleep(REDIAL_PAUSE)
-        else:
-            self.openai_failed(f"closed every new session within {self.config.reconnect_seconds:g} s")
-            return False
-        return True
-
-    async def roll_over(self, session: ClientConnection) -> None:
+    async def roll_over(self, session: OpenAISession) -> None:
         """Move the call to a fresh session before OpenAI's 60-minute limit ends this one.
 
-        It waits for a moment when neither side is speaking, if one comes within a minute,
-        then closes the session; ``restore_session`` carries the call on.
+        It waits for a moment when nobody speaks and nothing is owed, if one comes within
+        a minute, then closes the session; ``restore`` carries the call on.
         """
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(ROLLOVER_QUIET_WAIT):
-                while (self.responding or self.caller_speaking or self.tools_running or self.unanswered
-                       or not self.playback.drained.is_set()):
+                while not (self.floor.quiet and self.phone.playback.drained.is_set()):
                     await asyncio.sleep(0.1)
-        if session is not self.openai or session.state is not State.OPEN:
+        if session is not self.link.session or not session.is_open:
             return  # it ended meanwhile, and the call is carried over already
         self.log.info("moving the call to a new OpenAI session before this one reaches its time limit")
-        self.session_end_reason = "rollover"
-        await session.close()
+        await session.close("rollover")
 
-    async def configure_session(self) -> None:
-        """Tell OpenAI who the agent is on this call, unless it knows already.
-
-        The relay dials OpenAI before Twilio's "start" brings the call's parameters. Most
-        often "start" wins that race and one session.update carries everything; otherwise
-        (a warm session, a slow "start") a second update follows, before any audio.
-        """
-        if self.told_persona == self.persona:
-            return
-        self.told_persona = self.persona
-        self.updates_sent += 1
-        self.updates_unanswered += 1
-        update = session_update(self.config, self.persona, f"session_update_{self.updates_sent}")
-        await self.openai.send(json.dumps(update))  # type: ignore[union-attr]
-
-    async def go_live(self) -> None:
-        """Send what was kept while the session opened, events first, then go live.
-
-        The Twilio pump keeps queueing while this awaits, so nothing overtakes; each
-        message leaves the queue only once sent, so a session that dies meanwhile loses none.
-        """
-        openai = self.openai
-        assert openai is not None
-        while self.early_events or self.early:
-            if self.early_events:
-                await openai.send(json.dumps(self.early_events[0]))
-                self.early_events.popleft()
-            else:
-                await openai.send(self.early[0])
-                self.early.popleft()
-        self.openai_ready = True
-
-    def openai_failed(self, what: str) -> None:
-        """Log and count an OpenAI failure; returning ends the call and hands it back to Twilio."""
-        self.relay.count_error("openai_connection")
-        self.close_code = 1011
-        self.log.error("OpenAI %s", what)
-
-    async def on_openai_message(self, message: str | bytes) -> None:
+    async def on_openai_message(self, session: OpenAISession, message: str | bytes) -> None:
         try:
             event = json.loads(message)
             kind = event["type"]
@@ -1334,40 +1800,34 @@ class Call:
             self.log.warning("ignoring unreadable message from OpenAI: %r", message[:80])
             return
         if kind == "response.output_audio.delta":
-            await self.send_audio(event)
+            await self.phone.play(event)
         elif kind == "input_audio_buffer.speech_started":
-            self.caller_speaking = self.session_worked = True
+            self.floor.caller_speaking = session.worked = True
             if isinstance(event.get("item_id"), str):
                 self.transcript.begin(event["item_id"], "user")
             await self.on_caller_speech()
         elif kind == "input_audio_buffer.speech_stopped":
-            self.caller_speaking = False
+            self.floor.caller_speaking = False
         elif kind == "response.output_item.added":
             item = event.get("item")
             if isinstance(item, dict) and item.get("role") == "assistant" and isinstance(item.get("id"), str):
                 self.transcript.begin(item["id"], "assistant")
         elif kind == "response.created":
-            self.responding = self.session_worked = True
-            if not self.unconfirmed:  # it sees everything the relay added (OpenAI keeps the order)
-                self.unanswered = False
-        elif kind == "conversation.item.added":
-            item = event.get("item")
-            if isinstance(item, dict):
-                self.unconfirmed.discard(item.get("id"))  # type: ignore[arg-type]
+            session.worked = True
+            self.floor.created()
+        elif kind in ("conversation.item.added", "conversation.item.created"):
+            self.floor.confirmed(nested(event, "item", "id"))
         elif kind == "response.output_item.done":
             await self.on_output_item(event.get("item"))
         elif kind in ("response.output_audio.done", "response.done"):
-            tail = self.playback.finish()
-            if tail:
-                await self.send_mark(tail)
+            await self.phone.finish_item()
             if kind == "response.done":
-                self.responding = False
-                await self.answer_when_free()
+                await self.carry_out(self.floor.done())
         elif kind == "error":
-            await self.on_openai_error(event)
+            await self.on_openai_error(session, event)
         elif kind == "session.updated":
-            self.updates_unanswered = max(0, self.updates_unanswered - 1)
-            self.log.info("session configured: voice %s", self.told_persona.voice)  # type: ignore[union-attr]
+            session.update_answered()
+            self.log.info("session configured: voice %s", session.told.voice if session.told else "?")
             await self.greet()
         elif kind == "conversation.item.done":
             await self.on_conversation_item(event.get("item"))
@@ -1378,116 +1838,85 @@ class Call:
         elif kind == "response.output_audio_transcript.done":
             self.on_transcript("assistant", "agent", event)
 
-    async def send_audio(self, event: dict[str, Any]) -> None:
-        """Forward one chunk of the agent's voice, with a mark to learn when it has been heard."""
-        delta, item_id = event.get("delta"), event.get("item_id")
-        if not isinstance(delta, str) or not isinstance(item_id, str) or not self.stream_sid:
-            return
-        if item_id in self.playback.muted:
-            self.stats.dropped["interrupted_answer"] += 1
-            return  # the rest of an answer the caller has already interrupted
-        size = decoded_size(delta)
-        self.stats.frames_out += 1
-        self.stats.bytes_out += size
-        mark = self.playback.sent(item_id, event.get("content_index", 0), size)
-        # Hand-written JSON: this runs for every chunk, and json.dumps of a dict costs more.
-        await self.twilio.send(
-            f'{{"event":"media","streamSid":{self.sid_json},"media":{{"payload":{json.dumps(delta)}}}}}'
-        )
-        if mark:
-            await self.send_mark(mark)
-
-    async def send_mark(self, name: str) -> None:
-        await self.twilio.send(f'{{"event":"mark","streamSid":{self.sid_json},"mark":{{"name":"{name}"}}}}')
-
     async def on_caller_speech(self) -> None:
         """Barge-in: stop the phone playing the agent, and tell OpenAI what the caller heard."""
-        cut = self.playback.interrupt()
+        cut = await self.phone.clear()
         if cut is None:
             return  # nothing is playing: there is nothing to stop
-        await self.twilio.send(json.dumps({"event": "clear", "streamSid": self.stream_sid}))
-        await self.to_openai(
-            {
-                "type": "conversation.item.truncate",
-                "item_id": cut.item_id,
-                "content_index": cut.content_index,
-                "audio_end_ms": cut.heard_ms,
-            }
-        )
+        await self.link.outbox.send({"type": "conversation.item.truncate", "item_id": cut.item_id,
+                                     "content_index": cut.content_index, "audio_end_ms": cut.heard_ms})
         self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
-        self.stats.barge_ins += 1
+        self.relay.stats.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
 
     async def greet(self) -> None:
         """Have the agent speak first, once the session is configured and the stream has started."""
-        if self.greeted or not self.persona.greeting or not (self.session_configured and self.stream_sid):
+        session = self.link.session
+        if self.persona.greeting and self.stream_sid and session is not None and session.configured:
+            await self.carry_out(self.floor.greet(self.persona.greeting))
+
+    async def on_openai_error(self, session: OpenAISession, event: dict[str, Any]) -> None:
+        """Errors mean OpenAI ignored something we sent (a bad field keeps the old config)."""
+        error = event["error"] if isinstance(event.get("error"), dict) else {}
+        about = str(error.get("event_id") or "")  # the relay's event it is about, if any
+        self.relay.count_error("openai_error")
+        self.log.error("OpenAI error: type=%s code=%s message=%s param=%s%s", error.get("type"), error.get("code"),
+                       error.get("message"), error.get("param"), f" (about {about})" if about else "")
+        if about.startswith("session_update_"):
+            session.update_answered()  # a refused update is an answer too: the old settings stay
+            await self.greet()
+        if error.get("code") == "session_expired":
+            if self.config.session_continuity:  # the planned rollover came too late: carry on anyway
+                await session.close("expired")
+                return
+            await self.phone.finish_item()  # no more audio comes: the ending waits only for what was sent
+            await self.carry_out(self.floor.end_now("hang_up", "the OpenAI session expired"))
             return
-        self.greeted = True
-        if self.responding:
-            return  # the caller spoke first and the agent is answering them: a greeting would talk over it
-        await self.ask_for_response(f"Greet the caller by saying exactly this: {self.persona.greeting}")
+        await self.carry_out(self.floor.refused(about, str(error.get("code"))))
 
-    async def ask_for_response(self, instructions: str = "") -> None:
-        """Send response.create; callers check first that no response is active.
-
-        The response sees everything sent before it, so nothing is left unanswered.
-        """
-        self.responding, self.unanswered = True, False
-        self.unconfirmed.clear()
-        await self.to_openai(respond(instructions) if instructions else {"type": "response.create"})
-
-    async def add_to_conversation(self, item: dict[str, Any]) -> None:
-        """Give the model something to answer: a tool's output, a keypad press, a note.
-
-        The item gets an id of the relay's own, so that OpenAI's confirmation tells
-        whether a response that starts meanwhile has seen it (see response.created).
-        """
-        self.items_added += 1
-        item["id"] = f"relay_{self.items_added}"
-        self.unconfirmed.add(item["id"])
-        self.unanswered = True
-        await self.to_openai({"type": "conversation.item.create", "item": item})
-
-    async def answer_when_free(self) -> None:
-        """Once no tool runs and no response is active: hang up if asked to, or answer.
-
-        Tool results and keypad presses that arrived while the model was busy would
-        otherwise go unspoken; exactly one response.create covers all of them.
-        """
-        if self.tools_running or self.responding or self.ending:
+    def on_transcript(self, role: str, who: str, event: dict[str, Any]) -> None:
+        """Keep what was said for a new session; log it only if LOG_TRANSCRIPTS asks."""
+        text, item_id = event.get("transcript"), event.get("item_id")
+        if not isinstance(text, str) or not isinstance(item_id, str):
             return
-        if self.hang_up_reason:
-            self.start_hang_up()
-        elif self.transferring:
-            self.ending = self.spawn(self.transfer())
-        elif self.unanswered:
-            await self.ask_for_response()
+        self.transcript.write(item_id, role, text)
+        if self.config.log_transcripts:
+            self.log.info("%s: %s", who, text)
 
-    def end_after_answer(self, reason: str) -> None:
-        """Hang up once the current answer has been played (for tools such as end_call)."""
-        self.hang_up_reason = reason
-
-    def transfer_after_answer(self) -> None:
-        """Transfer the caller to TRANSFER_TO once the current answer has been played."""
-        self.transferring = True
+    # Tools
 
     async def on_output_item(self, item: Any) -> None:
         """The model finished an output item: run function calls, note MCP calls."""
         if not isinstance(item, dict):
             return
-        kind = item.get("type")
-        if kind == "function_call":
-            task = self.spawn(self.run_tool(item))
-            self.tools_running.add(task)
-        elif kind == "mcp_call":
-            # OpenAI ran it, but does not answer with its result by itself.
-            self.unanswered = True
+        if item.get("type") == "function_call":
+            self.floor.tool_started()
+            self.spawn(self.run_tool(item))
+        elif item.get("type") == "mcp_call":
+            self.floor.owe()  # OpenAI ran it, but does not answer with its result by itself
             error = item.get("error")
             outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
             self.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
                           outcome if error else "ok")
             self.transcript.note("system", tool_note(item.get("name"), item.get("arguments"),
                                                       outcome if error else item.get("output")))
+
+    async def run_tool(self, item: dict[str, Any]) -> None:
+        """Run one function call, give the model its output, then let the floor decide who speaks."""
+        name, session, started = str(item.get("name")), self.link.outbox.live, time.monotonic()
+        outcome, output = await call_tool(self, name, item.get("arguments"))
+        seconds = time.monotonic() - started
+        self.relay.stats.tool_calls[name if name in self.relay.tools else "unknown", outcome] += 1
+        self.relay.stats.tool_seconds.observe(seconds)
+        self.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
+        summary = tool_note(name, item.get("arguments"), output)
+        self.transcript.note("system", summary)
+        self.floor.tool_finished()
+        if self.link.outbox.live is session:
+            await self.add_to_conversation(
+                {"type": "function_call_output", "call_id": item.get("call_id"), "output": output})
+        else:  # the call has moved to a new session (or is between two), which never saw the function call
+            await self.add_to_conversation(text_message(summary, role="system"))
 
     async def on_conversation_item(self, item: Any) -> None:
         """MCP items that come outside a response: the server's tool list, approval requests."""
@@ -1498,71 +1927,12 @@ class Call:
             self.log.info("MCP server %s offers %d tool(s)", item.get("server_label"),
                           len(tools) if isinstance(tools, list) else 0)
         elif item.get("type") == "mcp_approval_request":
-            await self.deny_approval(item)
-
-    async def run_tool(self, item: dict[str, Any]) -> None:
-        """Run one function call, give the model its output, then let it speak the results."""
-        name = str(item.get("name"))
-        started, session = time.monotonic(), self.sessions
-        try:
-            outcome, output = await self.call_tool(name, item.get("arguments"))
-            seconds = time.monotonic() - started
-            self.stats.tool_calls[name if name in TOOLS else "unknown", outcome] += 1
-            self.stats.tool_seconds.observe(seconds)
-            self.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
-            summary = tool_note(name, item.get("arguments"), output)
-            self.transcript.note("system", summary)
-            if session == self.sessions:
-                await self.add_to_conversation(
-                    {"type": "function_call_output", "call_id": item.get("call_id"), "output": output}
-                )
-            else:  # the call moved to a new session, which never saw the function call
-                await self.add_to_conversation(text_message(summary, role="system"))
-        except ConnectionClosed:
-            return  # OpenAI is gone; the pumps end the call
-        finally:
-            self.tools_running.discard(asyncio.current_task())  # type: ignore[arg-type]
-        await self.answer_when_free()
-
-    async def call_tool(self, name: str, arguments: Any) -> tuple[str, str]:
-        """Call a tool with the model's arguments; return the outcome and the JSON output.
-
-        Nothing the model or the tool does raises here: every failure becomes an
-        ``{"error": ...}`` output the model can read and talk about.
-        """
-        tool = TOOLS.get(name)
-        if tool is None or not tool.offered_if(self.config):
-            self.log.warning("the model called an unknown tool %r", name[:64])
-            return "unknown_tool", json.dumps({"error": f"There is no tool named {name!r}."})
-        try:
-            parsed = json.loads(arguments or "{}")
-            if not isinstance(parsed, dict):
-                raise ValueError("the arguments must be a JSON object")
-            bound = inspect.signature(tool.function).bind(self, **parsed)
-        except (ValueError, TypeError) as error:
-            self.log.warning("tool %s: bad arguments from the model: %s", name, error)
-            return "bad_arguments", json.dumps({"error": f"Bad arguments: {error}"})
-        self.log.debug("tool %s arguments: %s", name, parsed)  # DEBUG only: they may be personal data
-        try:
-            async with asyncio.timeout(tool.timeout):
-                result = await tool.function(*bound.args, **bound.kwargs)
-            return "ok", json.dumps(result)
-        except TimeoutError:
-            self.log.warning("tool %s did not finish within %g s", name, tool.timeout, exc_info=True)
-            return "timeout", json.dumps({"error": f"The tool did not finish within {tool.timeout:g} seconds."})
-        except Exception as error:  # a tool's bug must not end the call
-            self.log.warning("tool %s failed", name, exc_info=True)
-            return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
-
-    async def deny_approval(self, item: dict[str, Any]) -> None:
-        """require_approval is "never", so this should not come; deny it so the answer goes on."""
-        self.log.warning("MCP server %s asked to approve %s: denied (nobody on a phone line can approve)",
-                         item.get("server_label"), item.get("name"))
-        await self.add_to_conversation(
-            {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False,
-             "reason": "Tool calls cannot be approved during a phone call."}
-        )
-        await self.answer_when_free()
+            # require_approval is "never", so this should not come; deny it so the answer goes on.
+            self.log.warning("MCP server %s asked to approve %s: denied (nobody on a phone line can approve)",
+                             item.get("server_label"), item.get("name"))
+            await self.add_to_conversation(
+                {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False,
+                 "reason": "Tool calls cannot be approved during a phone call."})
 
     def on_mcp_event(self, kind: str, event: dict[str, Any]) -> None:
         """Say what the remote MCP server did; its tools are called by OpenAI, not by the relay."""
@@ -1570,130 +1940,53 @@ class Call:
             self.relay.count_error("mcp_list_tools")
             self.log.error("OpenAI could not list the tools of MCP server %s at %s: the call goes on without them",
                            self.config.mcp_server_label, self.config.mcp_server_url)
-        elif kind == "response.mcp_call.failed":
+        else:
             self.log.warning("an MCP tool call on %s failed (item %s)", self.config.mcp_server_label,
                              event.get("item_id"))
 
+    # The clock, and REST call control
+
     async def watch_the_clock(self) -> None:
-        """Drop sockets that never start a stream; end calls before OpenAI's 60-minute limit."""
+        """Drop sockets that never start a stream; end calls at MAX_CALL_SECONDS."""
         try:
             async with asyncio.timeout(START_TIMEOUT):
-                await self.stream_started.wait()
+                await self.phone.started.wait()
         except TimeoutError:
             self.relay.count_error("no_start")
             self.log.warning("no 'start' from Twilio within %g s: closing the socket", START_TIMEOUT)
-            await self.twilio.close(1008, "no start event")
+            await self.phone.twilio.close(1008, "no start event")
             return
         await asyncio.sleep(self.config.max_call_seconds)
-        self.hang_up_reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
-        if self.responding:
-            self.log.info("time limit reached: hanging up when the current answer ends")
-        else:
+        reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
+        goodbye = self.floor.say(TIME_LIMIT_GOODBYE)
+        self.floor.end("hang_up", reason)
+        if goodbye is not None:
             self.log.info("time limit reached: asking the agent to say goodbye")
-            await self.ask_for_response(TIME_LIMIT_GOODBYE)
+            await self.carry_out(goodbye)
+        else:
+            self.log.info("time limit reached: hanging up when the current answer ends")
+            await self.carry_out(self.floor.next())
         await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
-        self.start_hang_up()
-
-    def start_hang_up(self) -> None:
-        if self.ending is None:
-            self.ending = self.spawn(self.hang_up())
-
-    async def hang_up(self) -> None:
-        """Let the goodbye finish playing, then end the call.
-
-        With REST call control, Twilio is asked to complete the call, so the caller hears
-        nothing after the goodbye. Otherwise, or if Twilio refuses, closing the socket makes
-        Twilio run the TwiML after ``<Connect>`` (README puts ``<Hangup/>`` there).
-        """
-        await self.let_playback_finish("the goodbye")
-        self.log.info("hanging up: %s", self.hang_up_reason)
-        if self.config.twilio_rest and self.call_sid:
-            with contextlib.suppress(TwilioError):
-                await self.twilio_rest("hang up", f"Calls/{self.call_sid}.json", {"Status": "completed"})
-        await self.twilio.close(1000, "call ended")
-
-    async def transfer(self) -> None:
-        """Once the handover line has played, have Twilio dial TRANSFER_TO for this caller.
-
-        Twilio then stops the stream. If it refuses, the agent is told, so it can apologise
-        and carry on: the caller is never left in silence.
-        """
-        await self.let_playback_finish("the handover line")
-        target = masked(self.config.transfer_to)
-        self.log.info("transferring to %s", target)
-        try:
-            await self.twilio_rest("transfer", f"Calls/{self.call_sid}.json", {"Twiml": transfer_twiml(self.config)})
-        except TwilioError as error:
-            self.stats.transfers["failed"] += 1
-            self.transferring, self.ending = False, None
-            note = f"The transfer failed: {error}. Apologise to the caller and go on helping them yourself."
-            await self.add_to_conversation(text_message(note, role="system"))
-            await self.answer_when_free()
-            return
-        self.stats.transfers["ok"] += 1
-        self.log.info("transferred to %s", target)
+        await self.carry_out(self.floor.end_now("hang_up", reason))
 
     async def record(self) -> None:
         """Start recording the call, caller and agent on separate channels."""
         with contextlib.suppress(TwilioError):
-            reply = await self.twilio_rest(
-                "start recording", f"Calls/{self.call_sid}/Recordings.json", {"RecordingChannels": "dual"}
-            )
+            reply = await self.twilio_rest("start recording", "/Recordings", {"RecordingChannels": "dual"})
             self.log.info("recording the call: %s", reply.get("sid"))
 
-    async def twilio_rest(self, what: str, path: str, fields: Mapping[str, str]) -> dict[str, Any]:
-        """A REST request about this call, off the event loop; a failure is logged and counted."""
+    async def twilio_rest(self, what: str, resource: str, fields: Mapping[str, str]) -> dict[str, Any]:
+        """POST to ``Calls/{CallSid}{resource}.json`` off the event loop; a failure is logged and counted."""
         try:
             if not self.call_sid:
                 raise TwilioError("the stream has no callSid")
+            path = f"Calls/{self.call_sid}{resource}.json"
             return await asyncio.to_thread(twilio_post, self.config.twilio_rest, path, fields)  # type: ignore[arg-type]
         except TwilioError as error:
             self.relay.count_error("twilio_rest")
             self.log.error("Twilio did not %s: %s", what, error)
             raise
 
-    async def let_playback_finish(self, what: str) -> None:
-        """Wait until the caller has heard the agent's last words (at most a few seconds)."""
-        try:
-            async with asyncio.timeout(GOODBYE_PLAYBACK_LIMIT):
-                await self.playback.drained.wait()
-        except TimeoutError:
-            self.log.warning("%s is still playing after %g s", what, GOODBYE_PLAYBACK_LIMIT)
-
-    async def on_openai_error(self, event: dict[str, Any]) -> None:
-        """Errors mean OpenAI ignored something we sent (a bad field keeps the old config)."""
-        error = event.get("error")
-        if not isinstance(error, dict):
-            error = {}
-        self.relay.count_error("openai_error")
-        self.log.error(
-            "OpenAI error: type=%s code=%s message=%s param=%s",
-            error.get("type"), error.get("code"), error.get("message"), error.get("param"),
-        )
-        if str(error.get("event_id", "")).startswith("session_update_"):
-            # A refused update is still an answer: the session keeps its old settings.
-            self.updates_unanswered = max(0, self.updates_unanswered - 1)
-            await self.greet()
-        if error.get("code") == "conversation_already_has_active_response":
-            # Server VAD began an answer just before ours was asked for: ask again after it.
-            self.unanswered = True
-            await self.answer_when_free()
-        if error.get("code") == "session_expired":
-            if self.config.session_continuity:  # the planned rollover came too late: carry on anyway
-                self.session_end_reason = "expired"
-                await self.openai.close()  # type: ignore[union-attr]
-            else:
-                self.hang_up_reason = "the OpenAI session expired"
-                self.start_hang_up()
-
-    def on_transcript(self, role: str, who: str, event: dict[str, Any]) -> None:
-        """Keep what was said for a new session; log it only if LOG_TRANSCRIPTS asks."""
-        text, item_id = event.get("transcript"), event.get("item_id")
-        if not isinstance(text, str) or not isinstance(item_id, str):
-            return
-        self.transcript.write(item_id, role, text)
-        if self.config.log_transcripts:
-            self.log.info("%s: %s", who, text)
 
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
@@ -1752,11 +2045,12 @@ class Stats:
 class Relay:
     """Accepts Twilio's WebSockets, answers plain HTTP routes, and counts what happens."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, tools: Mapping[str, Tool] = TOOLS) -> None:
         self.config = config
+        self.tools = tools  # the agent's tools: relay.py's own, unless a test brings its set
         self.stats = Stats()
         self.calls: set[Call] = set()
-        self.warm = WarmSessions(config)
+        self.warm = WarmSessions(config, tools)
         self.draining = False  # set at shutdown: running calls finish, new ones are refused
 
     def count_error(self, kind: str) -> None:
@@ -2044,7 +2338,7 @@ async def drain(relay: Relay) -> None:
         "shutting down: no new calls; waiting up to %g s for %d active call(s)",
         relay.config.drain_seconds, len(relay.calls),
     )
-    running = [call.twilio for call in relay.calls]
+    running = [call.phone.twilio for call in relay.calls]
     try:
         async with asyncio.timeout(relay.config.drain_seconds):
             await asyncio.gather(*(twilio.wait_closed() for twilio in running))
