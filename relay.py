@@ -737,7 +737,9 @@ def masked(target: str) -> str:
 #   Phone       the Twilio side: agent audio out with its marks, and what the caller heard
 #   Transcript  the conversation as text, for a new session to carry on
 #   OpenAILink  the OpenAI side: the current session, what waits for one, and redialling
-#   Ending      a hang-up or transfer, once the last words have played
+#   Continuity  what happens when a session ends: the call ends, or a new session takes over
+#   CallControl a hang-up or transfer once the last words have played; recording
+#   ToolRunner  the model's function calls, and what the remote MCP server did
 #   Call        the two pumps, handing each event to the part it belongs to
 
 
@@ -1311,10 +1313,9 @@ class OpenAILink:
         self.config = call.config
         self.relay = call.relay
         self.log = call.log
-        self.on_due = lambda session: call.spawn(call.roll_over(session))  # the planned rollover
+        self.on_due = lambda session: call.spawn(call.continuity.roll_over(session))  # the planned rollover
         self.outbox = Outbox(call.relay.stats, call.log)
         self.session: OpenAISession | None = None  # the newest; None before the first
-        self.gap_deadline: float | None = None  # when a call between two sessions gives up
         self.failed = False  # OpenAI failed the call: Twilio then runs the TwiML after <Connect>
 
     async def open(self, deadline: float | None, history: list[dict[str, Any]]) -> bool:
@@ -1368,26 +1369,6 @@ class OpenAILink:
             session.roll_over_after(due - time.monotonic(), lambda: self.on_due(session))
         return "", False
 
-    async def pace_redials(self, reason: str, gap_started: float) -> bool:
-        """Give the gap its RECONNECT_SECONDS, unless it goes on from a session that never worked.
-
-        A new session that OpenAI closed before it did anything (no answer, no speech
-        heard) did not end the gap: the relay pauses before the next one and gives up at
-        the same deadline.
-        """
-        session = self.session
-        assert session is not None
-        lived = gap_started - session.opened_at
-        if (reason != "dropped" or self.gap_deadline is None or session.worked
-                or lived >= self.config.reconnect_seconds):
-            self.gap_deadline = gap_started + self.config.reconnect_seconds
-        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
-            await asyncio.sleep(REDIAL_PAUSE)
-        else:
-            self.fail(f"closed every new session within {self.config.reconnect_seconds:g} s")
-            return False
-        return True
-
     def fail(self, what: str) -> None:
         """Log and count an OpenAI failure; the call then ends and goes back to Twilio."""
         self.relay.count_error("openai_connection")
@@ -1399,12 +1380,122 @@ class OpenAILink:
             await self.session.close()
 
 
-class Ending:
-    """How the relay ends a call: once the last words have played, hang up or transfer.
+class Continuity:
+    """What happens when an OpenAI session ends mid-call.
 
-    With REST call control, Twilio is asked to complete (or redirect) the call, so the
-    caller hears nothing after the agent. Otherwise, or if Twilio refuses a hang-up,
-    closing the socket makes Twilio run the TwiML after ``<Connect>``.
+    The call ends as the agent asked, if it asked; otherwise, with SESSION_CONTINUITY,
+    a new session takes over within RECONNECT_SECONDS and is told the conversation so far.
+    """
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.gap_deadline: float | None = None  # when a call between two sessions gives up
+
+    async def after_session(self, session: OpenAISession) -> bool:
+        """A session has ended: end the call as the agent asked, or carry it on in a new one.
+
+        No more of the agent's audio can come, so what was sent is marked to the end and
+        the ending waits only for it to play. With SESSION_CONTINUITY off, the call ends.
+        """
+        call = self.call
+        session.stop_rollover()
+        if call.floor.ending is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await call.phone.finish_item()
+            await call.carry_out(call.floor.lost(set()))
+            if call.control.task is not None:
+                await asyncio.wait({call.control.task})
+            if call.floor.ended:
+                return False  # hung up or transferred; a failed transfer carries on
+        reason = session.end_reason or "dropped"
+        what = f"closed the session mid-call: code {session.socket.close_code} {session.socket.close_reason!r}"
+        if not call.config.session_continuity:
+            call.link.fail(what)
+            return False
+        if reason == "dropped":
+            call.relay.count_error("openai_connection")
+            call.log.warning("OpenAI %s: carrying the call over to a new session", what)
+        return await self.restore(reason)
+
+    async def restore(self, reason: str) -> bool:
+        """Carry the call over to a new OpenAI session, within RECONNECT_SECONDS.
+
+        The phone is cleared of the old session's audio (its items are gone with it). The
+        caller's audio waits in the outbox meanwhile, as at call start, and goes to the new
+        session after the conversation so far (as text) and, if the agent owed an answer,
+        one response.create: if the caller spoke during the gap, that speech interrupts
+        the pick-up line as any barge-in does, and the agent answers it.
+        """
+        call = self.call
+        gap_started = time.monotonic()
+        waiting = (call.floor.owes_answer or not call.phone.playback.drained.is_set()
+                   or call.transcript.caller_waits())
+        with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
+            cut = await call.phone.clear()
+            if cut is not None:
+                call.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
+        history = call.transcript.items()
+        # What was kept for a session since the drop follows the pick-up if it still means
+        # something (see carries_over), and stays owed until a response sees it.
+        await call.carry_out(call.floor.lost(call.link.outbox.pause()))
+        line = CARRY_ON_AFTER_ROLLOVER if reason == "rollover" else PICK_UP_AFTER_DROP
+        pick_up = [call.floor.pick_up(line)] if waiting else []
+        if not await self.pace_redials(reason, gap_started):
+            return False
+        if not await call.link.open(self.gap_deadline, history + pick_up):
+            return False
+        await call.carry_out(call.floor.ready())
+        call.relay.stats.reconnects[reason] += 1
+        call.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
+                      "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
+                      len(history), ", the agent picks up" if waiting else "")
+        return True
+
+    async def roll_over(self, session: OpenAISession) -> None:
+        """Move the call to a fresh session before OpenAI's 60-minute limit ends this one.
+
+        It waits for a moment when nobody speaks and nothing is owed, if one comes within
+        a minute, then closes the session; ``restore`` carries the call on.
+        """
+        call = self.call
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ROLLOVER_QUIET_WAIT):
+                while not (call.floor.quiet and call.phone.playback.drained.is_set()):
+                    await asyncio.sleep(0.1)
+        if session is not call.link.session or not session.is_open:
+            return  # it ended meanwhile, and the call is carried over already
+        call.log.info("moving the call to a new OpenAI session before this one reaches its time limit")
+        await session.close("rollover")
+
+    async def pace_redials(self, reason: str, gap_started: float) -> bool:
+        """Give the gap its RECONNECT_SECONDS, unless it goes on from a session that never worked.
+
+        A new session that OpenAI closed before it did anything (no answer, no speech
+        heard) did not end the gap: the relay pauses before the next one and gives up at
+        the same deadline.
+        """
+        call = self.call
+        session = call.link.session
+        assert session is not None
+        lived = gap_started - session.opened_at
+        if (reason != "dropped" or self.gap_deadline is None or session.worked
+                or lived >= call.config.reconnect_seconds):
+            self.gap_deadline = gap_started + call.config.reconnect_seconds
+        elif gap_started + REDIAL_PAUSE < self.gap_deadline:
+            await asyncio.sleep(REDIAL_PAUSE)
+        else:
+            call.link.fail(f"closed every new session within {call.config.reconnect_seconds:g} s")
+            return False
+        return True
+
+
+class CallControl:
+    """The call's ending, and Twilio's REST API for this call.
+
+    Once the last words have played, the relay hangs up or transfers. With REST call
+    control, Twilio is asked to complete (or redirect) the call, so the caller hears
+    nothing after the agent. Otherwise, or if Twilio refuses a hang-up, closing the
+    socket makes Twilio run the TwiML after ``<Connect>``.
     """
 
     def __init__(self, call: Call) -> None:
@@ -1432,7 +1523,7 @@ class Ending:
         call.log.info("hanging up: %s", reason)
         if call.config.twilio_rest and call.call_sid:
             with contextlib.suppress(TwilioError):
-                await call.twilio_rest("hang up", "", {"Status": "completed"})
+                await self.twilio_rest("hang up", "", {"Status": "completed"})
         await call.phone.twilio.close(1000, "call ended")
 
     async def transfer(self) -> str:
@@ -1441,7 +1532,7 @@ class Ending:
         target = masked(call.config.transfer_to)
         call.log.info("transferring to %s", target)
         try:
-            await call.twilio_rest("transfer", "", {"Twiml": transfer_twiml(call.config)})
+            await self.twilio_rest("transfer", "", {"Twiml": transfer_twiml(call.config)})
         except TwilioError as error:
             call.relay.stats.transfers["failed"] += 1
             return str(error)
@@ -1449,36 +1540,119 @@ class Ending:
         call.log.info("transferred to %s", target)
         return ""
 
+    async def record(self) -> None:
+        """Start recording the call, caller and agent on separate channels."""
+        with contextlib.suppress(TwilioError):
+            reply = await self.twilio_rest("start recording", "/Recordings", {"RecordingChannels": "dual"})
+            self.call.log.info("recording the call: %s", reply.get("sid"))
 
-async def call_tool(call: Call, name: str, arguments: Any) -> tuple[str, str]:
-    """Call a tool with the model's arguments; return the outcome and the JSON output.
+    async def twilio_rest(self, what: str, resource: str, fields: Mapping[str, str]) -> dict[str, Any]:
+        """POST to ``Calls/{CallSid}{resource}.json`` off the event loop; a failure is logged and counted."""
+        try:
+            if not self.call.call_sid:
+                raise TwilioError("the stream has no callSid")
+            path = f"Calls/{self.call.call_sid}{resource}.json"
+            return await asyncio.to_thread(twilio_post, self.call.config.twilio_rest, path, fields)  # type: ignore[arg-type]
+        except TwilioError as error:
+            self.call.relay.count_error("twilio_rest")
+            self.call.log.error("Twilio did not %s: %s", what, error)
+            raise
 
-    Nothing the model or the tool does raises here: every failure becomes an
-    ``{"error": ...}`` output the model can read and talk about.
-    """
-    tool = call.relay.tools.get(name)
-    if tool is None or not tool.offered_if(call.config):
-        call.log.warning("the model called an unknown tool %r", name[:64])
-        return "unknown_tool", json.dumps({"error": f"There is no tool named {name!r}."})
-    try:
-        parsed = json.loads(arguments or "{}")
-        if not isinstance(parsed, dict):
-            raise ValueError("the arguments must be a JSON object")
-        bound = inspect.signature(tool.function).bind(call, **parsed)
-    except (ValueError, TypeError) as error:
-        call.log.warning("tool %s: bad arguments from the model: %s", name, error)
-        return "bad_arguments", json.dumps({"error": f"Bad arguments: {error}"})
-    call.log.debug("tool %s arguments: %s", name, parsed)  # DEBUG only: they may be personal data
-    try:
-        async with asyncio.timeout(tool.timeout):
-            result = await tool.function(*bound.args, **bound.kwargs)
-        return "ok", json.dumps(result)
-    except TimeoutError:
-        call.log.warning("tool %s did not finish within %g s", name, tool.timeout, exc_info=True)
-        return "timeout", json.dumps({"error": f"The tool did not finish within {tool.timeout:g} seconds."})
-    except Exception as error:  # a tool's bug must not end the call
-        call.log.warning("tool %s failed", name, exc_info=True)
-        return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
+
+class ToolRunner:
+    """The model's function calls, run beside the pumps, and what the remote MCP server did."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+
+    async def on_output_item(self, item: Any) -> None:
+        """The model finished an output item: run function calls, note MCP calls."""
+        if not isinstance(item, dict):
+            return
+        if item.get("type") == "function_call":
+            self.call.floor.tool_started()
+            self.call.spawn(self.run(item))
+        elif item.get("type") == "mcp_call":
+            self.call.floor.owe()  # OpenAI ran it, but does not answer with its result by itself
+            error = item.get("error")
+            outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
+            self.call.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
+                          outcome if error else "ok")
+            self.call.transcript.note("system", tool_note(item.get("name"), item.get("arguments"),
+                                                      outcome if error else item.get("output")))
+
+    async def run(self, item: dict[str, Any]) -> None:
+        """Run one function call, give the model its output, then let the floor decide who speaks."""
+        name, session, started = str(item.get("name")), self.call.link.outbox.live, time.monotonic()
+        outcome, output = await self.call_tool(name, item.get("arguments"))
+        seconds = time.monotonic() - started
+        self.call.relay.stats.tool_calls[name if name in self.call.relay.tools else "unknown", outcome] += 1
+        self.call.relay.stats.tool_seconds.observe(seconds)
+        self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
+        summary = tool_note(name, item.get("arguments"), output)
+        self.call.transcript.note("system", summary)
+        self.call.floor.tool_finished()
+        if self.call.link.outbox.live is session:
+            await self.call.add_to_conversation(
+                {"type": "function_call_output", "call_id": item.get("call_id"), "output": output})
+        else:  # the call has moved to a new session (or is between two), which never saw the function call
+            await self.call.add_to_conversation(text_message(summary, role="system"))
+
+    async def on_conversation_item(self, item: Any) -> None:
+        """MCP items that come outside a response: the server's tool list, approval requests."""
+        if not isinstance(item, dict):
+            return
+        if item.get("type") == "mcp_list_tools":
+            tools = item.get("tools")
+            self.call.log.info("MCP server %s offers %d tool(s)", item.get("server_label"),
+                          len(tools) if isinstance(tools, list) else 0)
+        elif item.get("type") == "mcp_approval_request":
+            # require_approval is "never", so this should not come; deny it so the answer goes on.
+            self.call.log.warning("MCP server %s asked to approve %s: denied (nobody on a phone line can approve)",
+                             item.get("server_label"), item.get("name"))
+            await self.call.add_to_conversation(
+                {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False,
+                 "reason": "Tool calls cannot be approved during a phone call."})
+
+    def on_mcp_event(self, kind: str, event: dict[str, Any]) -> None:
+        """Say what the remote MCP server did; its tools are called by OpenAI, not by the relay."""
+        if kind == "mcp_list_tools.failed":
+            self.call.relay.count_error("mcp_list_tools")
+            self.call.log.error("OpenAI could not list the tools of MCP server %s at %s: the call goes on without them",
+                           self.call.config.mcp_server_label, self.call.config.mcp_server_url)
+        else:
+            self.call.log.warning("an MCP tool call on %s failed (item %s)", self.call.config.mcp_server_label,
+                             event.get("item_id"))
+
+    async def call_tool(self, name: str, arguments: Any) -> tuple[str, str]:
+        """Call a tool with the model's arguments; return the outcome and the JSON output.
+
+        Nothing the model or the tool does raises here: every failure becomes an
+        ``{"error": ...}`` output the model can read and talk about.
+        """
+        tool = self.call.relay.tools.get(name)
+        if tool is None or not tool.offered_if(self.call.config):
+            self.call.log.warning("the model called an unknown tool %r", name[:64])
+            return "unknown_tool", json.dumps({"error": f"There is no tool named {name!r}."})
+        try:
+            parsed = json.loads(arguments or "{}")
+            if not isinstance(parsed, dict):
+                raise ValueError("the arguments must be a JSON object")
+            bound = inspect.signature(tool.function).bind(self.call, **parsed)
+        except (ValueError, TypeError) as error:
+            self.call.log.warning("tool %s: bad arguments from the model: %s", name, error)
+            return "bad_arguments", json.dumps({"error": f"Bad arguments: {error}"})
+        self.call.log.debug("tool %s arguments: %s", name, parsed)  # DEBUG only: they may be personal data
+        try:
+            async with asyncio.timeout(tool.timeout):
+                result = await tool.function(*bound.args, **bound.kwargs)
+            return "ok", json.dumps(result)
+        except TimeoutError:
+            self.call.log.warning("tool %s did not finish within %g s", name, tool.timeout, exc_info=True)
+            return "timeout", json.dumps({"error": f"The tool did not finish within {tool.timeout:g} seconds."})
+        except Exception as error:  # a tool's bug must not end the call
+            self.call.log.warning("tool %s failed", name, exc_info=True)
+            return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
 
 
 class CallLog(logging.LoggerAdapter):  # type: ignore[type-arg]
@@ -1518,8 +1692,10 @@ class Call:
         self.phone = Phone(twilio, relay.stats)
         self.transcript = Transcript()  # the conversation as text, for a new session to carry on
         self.link = OpenAILink(self)
+        self.continuity = Continuity(self)
         self.caller_audio = CallerAudio(self.link.outbox.send, self.spawn)
-        self.ending = Ending(self)
+        self.control = CallControl(self)
+        self.tool_runner = ToolRunner(self)
 
     @property
     def config(self) -> Config:
@@ -1544,8 +1720,8 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
-            if self.ending.task is not None:  # let a hang-up or transfer that Twilio has begun finish
-                await asyncio.wait({self.ending.task}, timeout=TWILIO_REST_TIMEOUT)
+            if self.control.task is not None:  # let a hang-up or transfer that Twilio has begun finish
+                await asyncio.wait({self.control.task}, timeout=TWILIO_REST_TIMEOUT)
             self.caller_audio.stop()
             tasks = [*pumps, timer, *self.tasks]
             for task in tasks:
@@ -1564,12 +1740,12 @@ class Call:
     async def carry_out(self, decision: Decision) -> None:
         """Do what the floor decided: ask for a response, or begin the hang-up or transfer."""
         if isinstance(decision, End):
-            self.ending.task = self.spawn(self.finish(decision))
+            self.control.task = self.spawn(self.finish(decision))
         elif decision is not None:
             await self.link.outbox.send(decision)
 
     async def finish(self, end: End) -> None:
-        failure = await self.ending.carry_out(end)
+        failure = await self.control.carry_out(end)
         if failure:  # the agent is told, so it can apologise and carry on: never silence
             self.floor.ending_failed()
             note = f"The transfer failed: {failure}. Apologise to the caller and go on helping them yourself."
@@ -1661,7 +1837,7 @@ class Call:
             self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
         self.persona = persona_for_call(self.config, self.parameters)
         if self.config.record_calls and self.call_sid:
-            self.spawn(self.record())
+            self.spawn(self.control.record())
         session = self.link.session
         if session is not None and session.told is not None:  # the session was configured before "start"
             with contextlib.suppress(ConnectionClosed):  # it dropped: the next session is told anyway
@@ -1716,81 +1892,8 @@ class Call:
             except ConnectionClosed:
                 if session.is_open:
                     return  # Twilio went away while we were sending: its pump ends the call
-            if not await self.after_session(session):
+            if not await self.continuity.after_session(session):
                 return
-
-    async def after_session(self, session: OpenAISession) -> bool:
-        """A session has ended: end the call as the agent asked, or carry it on in a new one.
-
-        No more of the agent's audio can come, so what was sent is marked to the end and
-        the ending waits only for it to play. With SESSION_CONTINUITY off, the call ends.
-        """
-        session.stop_rollover()
-        if self.floor.ending is not None:
-            with contextlib.suppress(ConnectionClosed):
-                await self.phone.finish_item()
-            await self.carry_out(self.floor.lost(set()))
-            if self.ending.task is not None:
-                await asyncio.wait({self.ending.task})
-            if self.floor.ended:
-                return False  # hung up or transferred; a failed transfer carries on
-        reason = session.end_reason or "dropped"
-        what = f"closed the session mid-call: code {session.socket.close_code} {session.socket.close_reason!r}"
-        if not self.config.session_continuity:
-            self.link.fail(what)
-            return False
-        if reason == "dropped":
-            self.relay.count_error("openai_connection")
-            self.log.warning("OpenAI %s: carrying the call over to a new session", what)
-        return await self.restore(reason)
-
-    async def restore(self, reason: str) -> bool:
-        """Carry the call over to a new OpenAI session, within RECONNECT_SECONDS.
-
-        The phone is cleared of the old session's audio (its items are gone with it). The
-        caller's audio waits in the outbox meanwhile, as at call start, and goes to the new
-        session after the conversation so far (as text) and, if the agent owed an answer,
-        one response.create: if the caller spoke during the gap, that speech interrupts
-        the pick-up line as any barge-in does, and the agent answers it.
-        """
-        gap_started = time.monotonic()
-        waiting = (self.floor.owes_answer or not self.phone.playback.drained.is_set()
-                   or self.transcript.caller_waits())
-        with contextlib.suppress(ConnectionClosed):  # if Twilio is gone too, its pump ends the call
-            cut = await self.phone.clear()
-            if cut is not None:
-                self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
-        history = self.transcript.items()
-        # What was kept for a session since the drop follows the pick-up if it still means
-        # something (see carries_over), and stays owed until a response sees it.
-        await self.carry_out(self.floor.lost(self.link.outbox.pause()))
-        line = CARRY_ON_AFTER_ROLLOVER if reason == "rollover" else PICK_UP_AFTER_DROP
-        pick_up = [self.floor.pick_up(line)] if waiting else []
-        if not await self.link.pace_redials(reason, gap_started):
-            return False
-        if not await self.link.open(self.link.gap_deadline, history + pick_up):
-            return False
-        await self.carry_out(self.floor.ready())
-        self.relay.stats.reconnects[reason] += 1
-        self.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
-                      "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
-                      len(history), ", the agent picks up" if waiting else "")
-        return True
-
-    async def roll_over(self, session: OpenAISession) -> None:
-        """Move the call to a fresh session before OpenAI's 60-minute limit ends this one.
-
-        It waits for a moment when nobody speaks and nothing is owed, if one comes within
-        a minute, then closes the session; ``restore`` carries the call on.
-        """
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(ROLLOVER_QUIET_WAIT):
-                while not (self.floor.quiet and self.phone.playback.drained.is_set()):
-                    await asyncio.sleep(0.1)
-        if session is not self.link.session or not session.is_open:
-            return  # it ended meanwhile, and the call is carried over already
-        self.log.info("moving the call to a new OpenAI session before this one reaches its time limit")
-        await session.close("rollover")
 
     async def on_openai_message(self, session: OpenAISession, message: str | bytes) -> None:
         try:
@@ -1818,7 +1921,7 @@ class Call:
         elif kind in ("conversation.item.added", "conversation.item.created"):
             self.floor.confirmed(nested(event, "item", "id"))
         elif kind == "response.output_item.done":
-            await self.on_output_item(event.get("item"))
+            await self.tool_runner.on_output_item(event.get("item"))
         elif kind in ("response.output_audio.done", "response.done"):
             await self.phone.finish_item()
             if kind == "response.done":
@@ -1830,9 +1933,9 @@ class Call:
             self.log.info("session configured: voice %s", session.told.voice if session.told else "?")
             await self.greet()
         elif kind == "conversation.item.done":
-            await self.on_conversation_item(event.get("item"))
+            await self.tool_runner.on_conversation_item(event.get("item"))
         elif kind in MCP_EVENTS:
-            self.on_mcp_event(kind, event)
+            self.tool_runner.on_mcp_event(kind, event)
         elif kind == "conversation.item.input_audio_transcription.completed":
             self.on_transcript("user", "caller", event)
         elif kind == "response.output_audio_transcript.done":
@@ -1883,67 +1986,6 @@ class Call:
         if self.config.log_transcripts:
             self.log.info("%s: %s", who, text)
 
-    # Tools
-
-    async def on_output_item(self, item: Any) -> None:
-        """The model finished an output item: run function calls, note MCP calls."""
-        if not isinstance(item, dict):
-            return
-        if item.get("type") == "function_call":
-            self.floor.tool_started()
-            self.spawn(self.run_tool(item))
-        elif item.get("type") == "mcp_call":
-            self.floor.owe()  # OpenAI ran it, but does not answer with its result by itself
-            error = item.get("error")
-            outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
-            self.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
-                          outcome if error else "ok")
-            self.transcript.note("system", tool_note(item.get("name"), item.get("arguments"),
-                                                      outcome if error else item.get("output")))
-
-    async def run_tool(self, item: dict[str, Any]) -> None:
-        """Run one function call, give the model its output, then let the floor decide who speaks."""
-        name, session, started = str(item.get("name")), self.link.outbox.live, time.monotonic()
-        outcome, output = await call_tool(self, name, item.get("arguments"))
-        seconds = time.monotonic() - started
-        self.relay.stats.tool_calls[name if name in self.relay.tools else "unknown", outcome] += 1
-        self.relay.stats.tool_seconds.observe(seconds)
-        self.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
-        summary = tool_note(name, item.get("arguments"), output)
-        self.transcript.note("system", summary)
-        self.floor.tool_finished()
-        if self.link.outbox.live is session:
-            await self.add_to_conversation(
-                {"type": "function_call_output", "call_id": item.get("call_id"), "output": output})
-        else:  # the call has moved to a new session (or is between two), which never saw the function call
-            await self.add_to_conversation(text_message(summary, role="system"))
-
-    async def on_conversation_item(self, item: Any) -> None:
-        """MCP items that come outside a response: the server's tool list, approval requests."""
-        if not isinstance(item, dict):
-            return
-        if item.get("type") == "mcp_list_tools":
-            tools = item.get("tools")
-            self.log.info("MCP server %s offers %d tool(s)", item.get("server_label"),
-                          len(tools) if isinstance(tools, list) else 0)
-        elif item.get("type") == "mcp_approval_request":
-            # require_approval is "never", so this should not come; deny it so the answer goes on.
-            self.log.warning("MCP server %s asked to approve %s: denied (nobody on a phone line can approve)",
-                             item.get("server_label"), item.get("name"))
-            await self.add_to_conversation(
-                {"type": "mcp_approval_response", "approval_request_id": item.get("id"), "approve": False,
-                 "reason": "Tool calls cannot be approved during a phone call."})
-
-    def on_mcp_event(self, kind: str, event: dict[str, Any]) -> None:
-        """Say what the remote MCP server did; its tools are called by OpenAI, not by the relay."""
-        if kind == "mcp_list_tools.failed":
-            self.relay.count_error("mcp_list_tools")
-            self.log.error("OpenAI could not list the tools of MCP server %s at %s: the call goes on without them",
-                           self.config.mcp_server_label, self.config.mcp_server_url)
-        else:
-            self.log.warning("an MCP tool call on %s failed (item %s)", self.config.mcp_server_label,
-                             event.get("item_id"))
-
     # The clock, and REST call control
 
     async def watch_the_clock(self) -> None:
@@ -1968,26 +2010,6 @@ class Call:
             await self.carry_out(self.floor.next())
         await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
         await self.carry_out(self.floor.end_now("hang_up", reason))
-
-    async def record(self) -> None:
-        """Start recording the call, caller and agent on separate channels."""
-        with contextlib.suppress(TwilioError):
-            reply = await self.twilio_rest("start recording", "/Recordings", {"RecordingChannels": "dual"})
-            self.log.info("recording the call: %s", reply.get("sid"))
-
-    async def twilio_rest(self, what: str, resource: str, fields: Mapping[str, str]) -> dict[str, Any]:
-        """POST to ``Calls/{CallSid}{resource}.json`` off the event loop; a failure is logged and counted."""
-        try:
-            if not self.call_sid:
-                raise TwilioError("the stream has no callSid")
-            path = f"Calls/{self.call_sid}{resource}.json"
-            return await asyncio.to_thread(twilio_post, self.config.twilio_rest, path, fields)  # type: ignore[arg-type]
-        except TwilioError as error:
-            self.relay.count_error("twilio_rest")
-            self.log.error("Twilio did not %s: %s", what, error)
-            raise
-
-
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
 
