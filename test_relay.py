@@ -881,6 +881,45 @@ def test_openai_error_events_are_logged_loudly_and_the_call_goes_on(caplog: pyte
     assert any("unknown_parameter" in m and "session.voicez" in m and "invalid_request_error" in m for m in errors)
 
 
+def test_a_request_refused_for_another_reason_frees_the_floor(caplog: pytest.LogCaptureFixture) -> None:
+    async def refuse_the_greeting(session: FakeSession, request: dict[str, Any]) -> None:
+        if "Greet" not in request.get("response", {}).get("instructions", ""):
+            return await session.answer(request)
+        await session.send({"type": "error", "event_id": "event_9", "error": {
+            "type": "invalid_request_error", "code": "invalid_value", "message": "Invalid 'instructions'.",
+            "param": "response.instructions", "event_id": request["event_id"]}})
+
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.respond = refuse_the_greeting
+        async with fake.running(), running_relay(fake) as (_, url):
+            twilio = await FakeTwilio(url).open()
+            session = await fake.session()
+            await eventually(lambda: len(session.of_type("response.create")) == 1)  # the greeting, refused
+            await press(twilio, "5")
+            await eventually(lambda: len(session.of_type("response.create")) == 2)  # the press is answered
+            assert "instructions" not in session.of_type("response.create")[1].get("response", {})
+            await twilio.close()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("code=invalid_value" in r.getMessage() and "(about relay_response_1)" in r.getMessage()
+               for r in caplog.records if r.levelno == logging.ERROR)
+
+
+def test_a_stalled_openai_session_is_noticed_and_replaced() -> None:
+    async def scenario() -> None:
+        async with one_call() as (fake, _, twilio, first):
+            first.ws.transport.pause_reading()  # the TCP connection stays open; nothing comes back
+            bound = relay.PING_INTERVAL + relay.PING_TIMEOUT + 3  # a liveness bound, not a speed test
+            await eventually(lambda: len(fake.sessions) == 2, limit=bound)
+            await eventually(lambda: bool(fake.sessions[1].of_type("session.update")))
+            assert not twilio.closed.is_set()
+            first.resume()
+
+    run(scenario, limit=40)
+
+
 def test_bad_input_from_twilio_is_logged_and_the_call_goes_on(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
@@ -1235,6 +1274,26 @@ def test_without_continuity_an_expired_openai_session_ends_the_call_cleanly(
     assert any("hanging up: the OpenAI session expired" in r.message for r in caplog.records)
 
 
+def test_without_continuity_an_expiry_mid_answer_hangs_up_once_what_was_sent_has_played(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with one_call(SESSION_CONTINUITY="off") as (_, _, twilio, session):
+            await agent_begins(session, "resp_1", "item_a")
+            await session.say("item_a", speech(1, 5, ms=50))  # 250 ms: marks at 100 and 200, a 50 ms tail
+            await session.send({"type": "error", "error": {
+                "type": "invalid_request_error", "code": "session_expired",
+                "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+            await twilio.closed.wait()
+            assert twilio.played_bytes == 5 * 50 * 8  # all of it was heard, the tail included
+            assert twilio.close_code == 1000
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("hanging up: the OpenAI session expired" in r.getMessage() for r in caplog.records)
+    assert not any("still playing" in r.getMessage() for r in caplog.records)  # no wait on an unmarked tail
+
+
 @pytest.mark.parametrize("on", [True, False])
 def test_transcripts_are_logged_only_when_asked(on: bool, caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
@@ -1580,6 +1639,111 @@ def test_warm_sessions_are_replaced_before_they_grow_old(monkeypatch: pytest.Mon
             assert sum(s.ws.state is State.OPEN for s in fake.sessions) <= 1
 
     run(scenario)
+
+
+# Who may speak: the turn-taking rules as sequences of events, without sockets -------------------
+
+Step = tuple[str, tuple[Any, ...], str | None]  # a Floor event, its arguments, the decision expected
+
+
+def decision_of(decision: relay.Decision) -> str | None:
+    """"ask" for a response.create (checked against the SDK's types), the ending's kind, or None."""
+    if isinstance(decision, relay.End):
+        return decision.kind
+    if decision is None:
+        return None
+    assert decision["type"] == "response.create" and decision["event_id"].startswith("relay_response_")
+    assert not sdk_problems(decision), sdk_problems(decision)
+    return "ask"
+
+
+def play_floor(steps: list[Step]) -> relay.Floor:
+    """Feed a fresh Floor these events; after each, check the decision it returns."""
+    floor = relay.Floor()
+    for name, arguments, wanted in steps:
+        decision = getattr(floor, name)(*arguments)
+        if name == "new_item":
+            decision = None  # an item id, not a decision: the caller asks next() once it is sent
+        assert decision_of(decision) == wanted, (name, arguments, decision, floor.state)
+    return floor
+
+
+UP = ("ready", (), None)
+NEXT = "next"
+
+
+@pytest.mark.parametrize(("when", "asks_again"), [
+    ("before the output", True),  # the VAD answer began before the output existed
+    ("before OpenAI confirmed the output", True),  # it cannot have seen it
+    ("after OpenAI confirmed the output", False),  # it saw it, and speaks the result itself
+])
+def test_floor_a_tool_result_crossing_a_vad_answer(when: str, asks_again: bool) -> None:
+    vad = ("created", (), None)
+    steps: list[Step] = [UP, ("created", (), None), ("tool_started", (), None), ("done", (), None)]
+    if when == "before the output":
+        steps.append(vad)
+    steps += [("tool_finished", (), None), ("new_item", (), None)]
+    if when == "before OpenAI confirmed the output":
+        steps.append(vad)
+    steps.append(("confirmed", ("relay_1",), None))
+    if when == "after OpenAI confirmed the output":
+        steps.append(vad)
+    steps += [(NEXT, (), None), ("done", (), "ask" if asks_again else None)]
+    assert play_floor(steps).state == ("BUSY" if asks_again else "FREE")
+
+
+def test_floor_no_greeting_over_an_answer_to_a_caller_who_spoke_first() -> None:
+    floor = play_floor([UP, ("created", (), None), ("greet", ("Hi!",), None), ("done", (), None),
+                        ("greet", ("Hi!",), None)])
+    assert floor.state == "FREE"  # greeted once, by not talking over the caller
+    play_floor([UP, ("greet", ("Hi!",), "ask"), ("created", (), None), ("done", (), None), ("greet", ("Hi!",), None)])
+    play_floor([("greet", ("Hi!",), None), UP, ("greet", ("Hi!",), "ask")])  # no session yet: it waits
+
+
+def test_floor_a_refusal_because_a_response_was_active_asks_again_after_it() -> None:
+    play_floor([UP, ("new_item", (), None), (NEXT, (), "ask"),  # a keypad press
+                ("created", (), None),  # server VAD's answer began first...
+                ("refused", ("relay_response_1", relay.ACTIVE_RESPONSE), None),  # ...so the request is refused
+                ("done", (), "ask"),  # the press is still owed
+                ("created", (), None), ("done", (), None)])
+
+
+def test_floor_a_refusal_for_another_reason_frees_the_floor() -> None:
+    floor = play_floor([UP, ("greet", ("Hi!",), "ask"),
+                        ("refused", ("relay_response_1", "invalid_value"), None),  # the greeting is refused
+                        ("new_item", (), None), (NEXT, (), "ask")])  # a keypad press is still answered
+    assert floor.state == "BUSY"
+    floor = play_floor([UP, ("new_item", (), None), (NEXT, (), "ask"),
+                        ("refused", ("relay_response_1", "invalid_value"), None), (NEXT, (), None)])
+    assert floor.state == "FREE"  # a plain request refused for its own sake is not sent again and again
+    play_floor([UP, ("new_item", (), None), (NEXT, (), "ask"),
+                ("refused", ("some_other_event", "invalid_value"), None), ("created", (), None), ("done", (), None)])
+
+
+def test_floor_a_drop_during_a_tool_answers_in_the_new_session() -> None:
+    floor = play_floor([UP, ("created", (), None), ("tool_started", (), None), ("done", (), None),
+                        ("lost", (set(),), None), ("pick_up", ("Pick up.",), "ask"),
+                        ("tool_finished", (), None), ("new_item", (), None),  # its result, as a note
+                        (NEXT, (), None), UP,  # the pick-up is under way
+                        ("created", (), None), ("confirmed", ("relay_1",), None), ("done", (), "ask")])
+    assert floor.state == "BUSY"
+    # An item kept while no session is up is answered once one is: after a drop, and at call start.
+    play_floor([UP, ("new_item", (), None), ("lost", ({"relay_1"},), None), (NEXT, (), None), ("ready", (), "ask")])
+    play_floor([("new_item", (), None), (NEXT, (), None), ("ready", (), "ask")])
+
+
+def test_floor_hang_up_and_transfer_wait_for_the_floor_then_end_it() -> None:
+    floor = play_floor([UP, ("created", (), None), ("tool_started", (), None),
+                        ("end", ("hang_up", "the agent ended the call"), None),
+                        ("tool_finished", (), None), ("new_item", (), None), (NEXT, (), None),
+                        ("done", (), "hang_up"), (NEXT, (), None), ("say", ("Goodbye.",), None)])
+    assert floor.state == "ENDED"
+    play_floor([UP, ("end", ("transfer", ""), None), (NEXT, (), "transfer"), ("ending_failed", (), None),
+                ("new_item", (), None), (NEXT, (), "ask")])  # a failed transfer is told to the agent
+    play_floor([UP, ("created", (), None), ("end", ("hang_up", ""), None),
+                ("lost", (set(),), "hang_up")])  # the session is gone: no answer will come
+    play_floor([UP, ("created", (), None), ("end_now", ("hang_up", "time limit"), "hang_up"),
+                ("end_now", ("hang_up", "time limit"), None)])
 
 
 # An agent that can act: tools, MCP, per-call context ------------------------------------------
