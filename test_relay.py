@@ -34,7 +34,7 @@ import sys
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import pydantic
@@ -477,15 +477,23 @@ class FakeTwilio:
 # Running the relay ---------------------------------------------------------------------
 
 
+BUILT_IN_TOOLS = {name: relay.TOOLS[name] for name in ("end_call", "transfer_call")}
+
+
 def relay_config(fake: FakeOpenAI, **env: str) -> relay.Config:
     base = {"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": fake.base_url, "OPENAI_CONNECT_TIMEOUT": "2"}
     return relay.load_config({**base, **env})
 
 
 @contextlib.asynccontextmanager
-async def running_relay(fake: FakeOpenAI, **env: str) -> AsyncIterator[tuple[relay.Relay, str]]:
-    """The real relay, in process, on a loopback port; yields it and its WebSocket URL."""
-    the_relay = relay.Relay(relay_config(fake, **env))
+async def running_relay(fake: FakeOpenAI, tools: Mapping[str, relay.Tool] | None = None,
+                        **env: str) -> AsyncIterator[tuple[relay.Relay, str]]:
+    """The real relay, in process, on a loopback port; yields it and its WebSocket URL.
+
+    Its tools are the relay's own two, or ``tools``: never whatever a user has added to
+    relay.py, so the suite passes however the agent is customised.
+    """
+    the_relay = relay.Relay(relay_config(fake, **env), BUILT_IN_TOOLS if tools is None else tools)
     async with relay.serve_calls(the_relay, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         the_relay.port = port  # type: ignore[attr-defined]
@@ -981,10 +989,11 @@ def speech(item: int, count: int, ms: int = CHUNK_MS) -> list[str]:
 
 
 @contextlib.asynccontextmanager
-async def one_call(**env: str) -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, FakeTwilio, FakeSession]]:
+async def one_call(tools: Mapping[str, relay.Tool] | None = None,
+                   **env: str) -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, FakeTwilio, FakeSession]]:
     """A relay with one call up and its OpenAI session configured."""
     env.setdefault("GREETING", "")
-    async with FakeOpenAI().running() as fake, running_relay(fake, **env) as (the_relay, url):
+    async with FakeOpenAI().running() as fake, running_relay(fake, tools, **env) as (the_relay, url):
         twilio = await FakeTwilio(url).open()
         session = await fake.session()
         await eventually(lambda: all(configured(call) and call.stream_sid for call in the_relay.calls))
@@ -1751,12 +1760,14 @@ def test_floor_hang_up_and_transfer_wait_for_the_floor_then_end_it() -> None:
 
 @pytest.fixture
 def shop_tools() -> Iterator[dict[str, Any]]:
-    """Tools registered for one test through relay.tool, exactly as a newcomer adds theirs.
+    """Tools made with relay.tool, exactly as a newcomer adds theirs; ``tools`` is the set to serve.
 
-    ``order_status`` waits for a token on ``gate`` before answering, so a test decides
-    when it finishes. ``seen`` records what each call of it was given.
+    relay.TOOLS is put back as it was at once, so a user's own tools are neither removed nor
+    offered. ``order_status`` waits for a token on ``gate`` before answering, so a test
+    decides when it finishes. ``seen`` records what each call of it was given.
     """
     state: dict[str, Any] = {"gate": asyncio.Queue(), "seen": []}
+    users_tools = dict(relay.TOOLS)
 
     @relay.tool({"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]})
     async def order_status(call: relay.Call, order: str) -> dict[str, Any]:
@@ -1781,9 +1792,20 @@ def shop_tools() -> Iterator[dict[str, Any]]:
         """A tool that never answers."""
         await asyncio.sleep(60)
 
+    names = ("order_status", "opening_hours", "broken", "stuck")
+    state["tools"] = {**BUILT_IN_TOOLS, **{name: relay.TOOLS[name] for name in names}}
+    relay.TOOLS.clear()
+    relay.TOOLS.update(users_tools)
     yield state
-    for name in ("order_status", "opening_hours", "broken", "stuck"):
-        del relay.TOOLS[name]
+
+
+def test_the_relay_serves_every_tool_in_relay_py() -> None:
+    config = relay.load_config({"OPENAI_API_KEY": API_KEY})
+    served = relay.Relay(config)
+    assert served.tools is relay.TOOLS and served.warm.tools is relay.TOOLS
+    names = {tool["name"] for tool in relay.offered_tools(config, served.tools)}
+    assert names == {name for name, tool in relay.TOOLS.items() if tool.offered_if(config)}
+    assert "end_call" in names and "transfer_call" not in names  # transfer_call needs TRANSFER_TO
 
 
 async def function_call(session: FakeSession, name: str, arguments: str, call_id: str,
@@ -1808,9 +1830,9 @@ def tool_outputs(session: FakeSession) -> dict[str, Any]:
             if event["item"]["type"] == "function_call_output"}
 
 
-def test_the_session_offers_the_tools_defined_in_relay_py(shop_tools: dict[str, Any]) -> None:
+def test_the_session_offers_the_tools_it_is_given(shop_tools: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with one_call() as (_, _, _, session):
+        async with one_call(shop_tools["tools"]) as (_, _, _, session):
             tools = {tool["name"]: tool for tool in session.of_type("session.update")[0]["session"]["tools"]}
             assert set(tools) == {"end_call", "order_status", "opening_hours", "broken", "stuck"}
             assert tools["order_status"] == {
@@ -1828,7 +1850,7 @@ def test_two_tools_in_one_response_give_two_outputs_then_exactly_one_response(
     shop_tools: dict[str, Any], caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        async with one_call() as (_, the_relay, twilio, session):
+        async with one_call(shop_tools["tools"]) as (_, the_relay, twilio, session):
             # Round 1: one tool is still running when the response ends.
             await response_created(session, "resp_1")
             await function_call(session, "order_status", '{"order": "SECRET-ORDER-99"}', "call_1")
@@ -1891,7 +1913,7 @@ def test_failing_tools_and_bad_calls_give_the_model_an_error_and_the_call_goes_o
     }
 
     async def scenario() -> None:
-        async with one_call() as (_, the_relay, twilio, session):
+        async with one_call(shop_tools["tools"]) as (_, the_relay, twilio, session):
             await response_created(session, "resp_1")
             for call_id, (name, arguments, _) in calls.items():
                 await function_call(session, name, arguments, call_id)
@@ -1925,7 +1947,7 @@ def test_a_caller_who_barges_in_while_a_tool_runs_still_hears_its_result(shop_to
         await session.refuse(request)
 
     async def scenario() -> None:
-        async with one_call() as (fake, _, _, session):
+        async with one_call(shop_tools["tools"]) as (fake, _, _, session):
             creates = lambda: len(session.of_type("response.create"))  # noqa: E731
             # The result comes in while the caller's new answer is playing: it is spoken after it.
             await response_created(session, "resp_1")
@@ -2618,7 +2640,7 @@ async def order_status_running(session: FakeSession, shop_tools: dict[str, Any])
 
 def test_a_tool_running_across_a_drop_answers_in_the_new_session(shop_tools: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with one_call() as (fake, _, twilio, first):
+        async with one_call(shop_tools["tools"]) as (fake, _, twilio, first):
             await order_status_running(first, shop_tools)
             fake.respond = begin_only  # the pick-up line stays active until the test ends it
             await drop(first, "1011")
@@ -2753,7 +2775,7 @@ def test_a_start_that_comes_during_a_gap_reaches_the_new_session() -> None:
 
 def test_what_is_sent_while_openai_closes_reaches_the_new_session_once(shop_tools: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with one_call() as (fake, the_relay, twilio, first):
+        async with one_call(shop_tools["tools"]) as (fake, the_relay, twilio, first):
             await order_status_running(first, shop_tools)
             (call,) = the_relay.calls
             closing = call.link.session.socket  # type: ignore[union-attr]
@@ -2797,7 +2819,7 @@ def test_a_session_that_worked_then_drops_gets_a_redial_of_its_own() -> None:
 
 def test_a_planned_rollover_waits_for_a_running_tool_and_does_not_apologise(shop_tools: dict[str, Any]) -> None:
     async def scenario() -> None:
-        async with one_call(SESSION_ROLLOVER_SECONDS="1") as (fake, _, twilio, first):
+        async with one_call(shop_tools["tools"], SESSION_ROLLOVER_SECONDS="1") as (fake, _, twilio, first):
             await caller_said(first, "item_u1", "Where is order A7?")
             await response_created(first, "resp_1")  # the model answers with a function call only
             await function_call(first, "order_status", '{"order": "A7"}', "call_1")
