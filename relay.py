@@ -12,8 +12,9 @@ Read top to bottom:
    ``async`` function.
 2. Configuration: every setting, read from the environment once, at start-up.
 3. What the relay tells OpenAI: the session and its messages.
-4. ``Call``: one phone call, with its two pumps (Twilio -> OpenAI and
-   OpenAI -> Twilio) and the tools it runs.
+4. One phone call: small parts, each with one kind of state (``Floor`` decides
+   who may speak), and ``Call``, whose two pumps (Twilio -> OpenAI and
+   OpenAI -> Twilio) hand each event to the part it belongs to.
 5. ``Relay``: the HTTP routes and the bookkeeping shared by all calls.
 6. ``main()``: start-up, serving, and a graceful shutdown.
 
