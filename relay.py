@@ -31,15 +31,18 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import http
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -190,6 +193,9 @@ ROLLOVER_QUIET_WAIT = 60.0  # seconds a planned rollover waits for a quiet momen
 MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
 
 
+PLACEHOLDER_API_KEY = "sk-your-key-here"  # what .env.example says until the user puts a key there
+
+
 class ConfigError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
 
@@ -210,6 +216,7 @@ class Config:
 
     openai_api_key: str
     openai_url: str
+    openai_model: str = "gpt-realtime-2.1"
     host: str = "0.0.0.0"
     port: int = 8080
     voice: str = "alloy"
@@ -248,10 +255,8 @@ class Config:
 
 def realtime_url(base_url: str, model: str) -> str:
     """Turn an OpenAI REST base URL into the Realtime WebSocket URL, as the official SDK does."""
-    parts = urllib.parse.urlsplit(base_url.rstrip("/"))
-    scheme = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ConfigError(f"OPENAI_BASE_URL must be an http(s) URL, got {base_url!r}")
+    parts = _url("OPENAI_BASE_URL", base_url.rstrip("/"), "https://api.openai.com/v1", ("https", "wss"))
+    scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
     query = urllib.parse.urlencode({"model": model})
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path + "/realtime", query, ""))
 
@@ -270,14 +275,51 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+def _whole_number(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """A count or a number of milliseconds: a fraction is refused, not cut short."""
+    value = _number(env, name, default, low, high)
+    if value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {env[name].strip()!r}")
+    return int(value)
+
+
+def _is_loopback(host: str) -> bool:
+    """This machine (127.0.0.0/8, ::1, localhost): the only host plain http:// is safe for."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(name: str, raw: str, example: str, schemes: tuple[str, ...] = ("https",)) -> urllib.parse.SplitResult:
+    """A URL with a host and no spaces, in one of ``schemes``; their plain forms only to this machine.
+
+    Plain http:// (or ws://) is what the tests and local trials use; anywhere else it sends
+    audio and keys in the clear, and Twilio refuses to stream to it.
+    """
+    plain = {"https": "http", "wss": "ws"}
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        host = None
+    if re.search(r"\s", raw) or not host or parts.scheme not in {*schemes, *(plain[s] for s in schemes)}:
+        raise ConfigError(f"{name} must be a URL like {example}, without spaces; got {raw!r}")
+    if parts.scheme not in schemes and not _is_loopback(host):
+        raise ConfigError(f"{name} must be an {schemes[0]}:// URL (plain {plain[schemes[0]]}:// only for "
+                          f"localhost or 127.0.0.1); got {raw!r}")
+    return parts
+
+
 def _public_url(raw: str) -> str:
     """Accept https://host or wss://host (with an optional path); keep it as https://host/path."""
     if not raw:
         return ""
-    parts = urllib.parse.urlsplit(raw.rstrip("/"))
-    scheme = {"https": "https", "wss": "https", "http": "http", "ws": "http"}.get(parts.scheme)
-    if scheme is None or not parts.netloc or parts.query:
-        raise ConfigError(f"PUBLIC_URL must look like https://relay.example.com, got {raw!r}")
+    parts = _url("PUBLIC_URL", raw.rstrip("/"), "https://relay.example.com", ("https", "wss"))
+    if parts.query:
+        raise ConfigError(f"PUBLIC_URL must be the relay's address without a query, like https://relay.example.com; "
+                          f"got {raw!r}")
+    scheme = "https" if parts.scheme in ("https", "wss") else "http"
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, "", ""))
 
 
@@ -294,10 +336,9 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _mcp_server_url(raw: str) -> str:
-    """An MCP server OpenAI can reach: a public https URL, or empty for none."""
-    parts = urllib.parse.urlsplit(raw)
-    if raw and (parts.scheme != "https" or not parts.netloc):
-        raise ConfigError(f"MCP_SERVER_URL must be an https:// URL, got {raw!r}")
+    """An MCP server OpenAI can reach: a public https URL (never this machine), or empty for none."""
+    if raw and _url("MCP_SERVER_URL", raw, "https://mcp.example.com/mcp").scheme != "https":
+        raise ConfigError(f"MCP_SERVER_URL must be an https:// URL that OpenAI can reach, got {raw!r}")
     return raw
 
 
@@ -320,15 +361,24 @@ def _phone_number(name: str, raw: str) -> str:
     return raw
 
 
+def _auth_token(env: Mapping[str, str]) -> str:
+    """Twilio's auth token, 32 hex digits: a wrong one would fail every signature and REST call."""
+    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
+    if token and not re.fullmatch(r"[0-9a-fA-F]{32}", token):
+        # Never echo a secret, not even a wrong one: it may be another of the user's keys.
+        raise ConfigError(f"TWILIO_AUTH_TOKEN must be the 32 hex digits of your Auth Token (Twilio console, "
+                          f"Account info); this value is not ({len(token)} characters)")
+    return token
+
+
 def load_twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
     """The REST credentials, if any: an API key and secret (preferred), or the auth token."""
     sid = env.get("TWILIO_ACCOUNT_SID", "").strip()
     key = env.get("TWILIO_API_KEY", "").strip()
     secret = env.get("TWILIO_API_SECRET", "").strip()
-    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
+    token = _auth_token(env)
     base_url = (env.get("TWILIO_API_BASE_URL", "").strip() or "https://api.twilio.com").rstrip("/")
-    if urllib.parse.urlsplit(base_url).scheme not in ("https", "http") or "//" not in base_url:
-        raise ConfigError(f"TWILIO_API_BASE_URL must be an https:// URL, got {base_url!r}")
+    _url("TWILIO_API_BASE_URL", base_url, "https://api.twilio.com")
     if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits, got {sid[:40]!r}")
     if key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", key):
@@ -354,6 +404,11 @@ def load_config(env: Mapping[str, str]) -> Config:
             "OPENAI_API_KEY is not set. Put OPENAI_API_KEY=sk-... in a .env file "
             "next to relay.py (see .env.example) or export it in the environment."
         )
+    if api_key == PLACEHOLDER_API_KEY:
+        raise ConfigError(
+            f"OPENAI_API_KEY is still {PLACEHOLDER_API_KEY}, the example from .env.example: "
+            "replace it in .env with your own key (https://platform.openai.com/api-keys)"
+        )
     voice = env.get("VOICE", "").strip() or "alloy"
     if voice not in VOICES:
         raise ConfigError(f"VOICE must be one of {', '.join(VOICES)}; got {voice!r}")
@@ -361,6 +416,8 @@ def load_config(env: Mapping[str, str]) -> Config:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {log_level!r}")
     model = env.get("OPENAI_MODEL", "").strip() or "gpt-realtime-2.1"
+    if re.search(r"\s", model):
+        raise ConfigError(f"OPENAI_MODEL must be a model name without spaces, like gpt-realtime-2.1; got {model!r}")
     base_url = env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1"
     twilio_rest = load_twilio_account(env)
     transfer_to = env.get("TRANSFER_TO", "").strip()
@@ -385,13 +442,14 @@ def load_config(env: Mapping[str, str]) -> Config:
     return Config(
         openai_api_key=api_key,
         openai_url=realtime_url(base_url, model),
+        openai_model=model,
         host=env.get("HOST", "").strip() or "0.0.0.0",
-        port=int(_number(env, "PORT", 8080, 0, 65535)),
+        port=_whole_number(env, "PORT", 8080, 0, 65535),
         voice=voice,
         instructions=instructions,
         vad_threshold=_number(env, "VAD_THRESHOLD", 0.5, 0.0, 1.0),
-        vad_prefix_padding_ms=int(_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000)),
-        vad_silence_duration_ms=int(_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000)),
+        vad_prefix_padding_ms=_whole_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000),
+        vad_silence_duration_ms=_whole_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000),
         log_level=log_level,
         drain_seconds=_number(env, "DRAIN_SECONDS", 10, 0, 3600),
         openai_connect_timeout=_number(env, "OPENAI_CONNECT_TIMEOUT", 10, 0.1, 120),
@@ -401,10 +459,10 @@ def load_config(env: Mapping[str, str]) -> Config:
         end_call_tool=_switch(env, "END_CALL_TOOL", True),
         max_call_seconds=max_call_seconds,
         log_transcripts=_switch(env, "LOG_TRANSCRIPTS", False),
-        twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
+        twilio_auth_token=_auth_token(env),
         public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
-        max_calls=int(_number(env, "MAX_CALLS", 50, 1, 100000)),
-        warm_sessions=int(_number(env, "WARM_SESSIONS", 0, 0, 100)),
+        max_calls=_whole_number(env, "MAX_CALLS", 50, 1, 100000),
+        warm_sessions=_whole_number(env, "WARM_SESSIONS", 0, 0, 100),
         mcp_server_url=_mcp_server_url(env.get("MCP_SERVER_URL", "").strip()),
         mcp_server_label=mcp_label,
         mcp_authorization=env.get("MCP_AUTHORIZATION", "").strip(),
@@ -1950,6 +2008,11 @@ def url_forms(url: str) -> set[str]:
     return forms
 
 
+def media_stream_url(public_url: str) -> str:
+    """Where Twilio streams a call to: PUBLIC_URL as wss:// (ws:// for a loopback trial)."""
+    return public_url.replace("http", "ws", 1) + "/media-stream"
+
+
 def connect_stream(url: str, parameters: Mapping[str, str]) -> str:
     """TwiML's ``<Connect><Stream>`` to ``url``, with the call's ``<Parameter>``s."""
     quote = xml.sax.saxutils.quoteattr
@@ -1990,16 +2053,23 @@ def remote_address(connection: ServerConnection) -> str:
 
 @contextlib.asynccontextmanager
 async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Server]:
-    """The WebSocket server Twilio connects to, with the limits a phone call needs."""
-    async with serve(
-        relay.handle,
-        host,
-        port,
-        process_request=relay.process_request,
-        compression=None,  # base64 audio barely compresses; deflate only costs CPU
-        close_timeout=CLOSE_TIMEOUT,
-        max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009
-    ) as server:
+    """The WebSocket server Twilio connects to, with the limits a phone call needs.
+
+    A HOST that does not resolve, or a PORT another program holds, is a ConfigError.
+    """
+    try:
+        server = await serve(
+            relay.handle,
+            host,
+            port,
+            process_request=relay.process_request,
+            compression=None,  # base64 audio barely compresses; deflate only costs CPU
+            close_timeout=CLOSE_TIMEOUT,
+            max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009
+        )
+    except OSError as error:
+        raise ConfigError(cannot_listen(host, port, error)) from None
+    async with server:
         warming = asyncio.create_task(relay.warm.keep_ready()) if relay.config.warm_sessions else None
         try:
             yield server
@@ -2008,6 +2078,16 @@ async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Serve
                 warming.cancel()
                 await asyncio.gather(warming, return_exceptions=True)
                 await relay.warm.close()
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> str:
+    """Why the relay cannot listen, as a setting to change."""
+    if isinstance(error, socket.gaierror):
+        return (f"HOST {host!r} is not an address of this machine ({error.strerror}): set HOST=0.0.0.0 to "
+                "listen on every interface, or 127.0.0.1 for this machine only")
+    if error.errno == errno.EADDRINUSE:
+        return f"PORT {port} is in use by another program: stop that program, or set PORT to a free port"
+    return f"cannot listen on HOST {host!r}, PORT {port}: {error.strerror or error}; check both settings"
 
 
 # 6. Start-up and shutdown ----------------------------------------------------------
@@ -2077,6 +2157,35 @@ def exit_now(signum: int) -> None:
     os._exit(1)
 
 
+def tool_names(tools: list[dict[str, Any]]) -> list[str]:
+    """What start-up names the offered tools by: a function's name, an MCP server's label."""
+    return [tool["name"] if "name" in tool else f"{tool['server_label']} (MCP server)" for tool in tools]
+
+
+def say_what_to_do_next(config: Config, port: int) -> None:
+    """The start-up lines: where the relay listens, what to give Twilio, what the agent is.
+
+    Plus a warning when nothing checks that calls come from Twilio.
+    """
+    if not config.twilio_auth_token:
+        logger.warning(
+            "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
+            "your OpenAI account. Set it to check Twilio's signature on every call."
+        )
+    local_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
+    logger.info("relay listening on port %d: health check http://%s:%d/health",
+                port, f"[{local_host}]" if ":" in local_host else local_host, port)
+    if config.public_url:
+        logger.info("Twilio: set your number's \"A call comes in\" webhook to %s/twiml (GET or POST); "
+                    "calls then stream to %s", config.public_url, media_stream_url(config.public_url))
+    else:
+        logger.info("Twilio: set your number's \"A call comes in\" webhook to https://<public address>/twiml "
+                    "(GET or POST), where <public address> reaches port %d (e.g. ngrok http %d); calls then "
+                    "stream to wss://<public address>/media-stream. Set PUBLIC_URL to see it here", port, port)
+    tools = ", ".join(tool_names(offered_tools(config))) or "none"
+    logger.info("agent: model %s, voice %s, tools: %s", config.openai_model, config.voice, tools)
+
+
 async def main() -> None:
     load_dotenv()
     try:
@@ -2099,19 +2208,13 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    if not config.twilio_auth_token:
-        logger.warning(
-            "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
-            "your OpenAI account. Set it to check Twilio's signature on every call."
-        )
-    async with serve_calls(relay, config.host, config.port) as server:
-        port = server.sockets[0].getsockname()[1]
-        logger.info(
-            "relay listening on port %d: WebSocket ws://%s:%d/media-stream, health http://%s:%d/health",
-            port, config.host, port, config.host, port,
-        )
-        await stop.wait()
-        await drain(relay)
+    try:
+        async with serve_calls(relay, config.host, config.port) as server:
+            say_what_to_do_next(config, server.sockets[0].getsockname()[1])
+            await stop.wait()
+            await drain(relay)
+    except ConfigError as error:  # only the binding raises it: nothing has been served yet
+        sys.exit(f"relay: configuration error: {error}")
     stats = relay.stats
     logger.info(
         "stopped: %d call(s) served, %d error(s), up %.0f s",
@@ -2149,9 +2252,8 @@ def place_call(to: str, greeting: str | None, instructions: str | None, params: 
                            if value is not None})
     except ConfigError as error:
         sys.exit(f"relay: {error}")
-    stream_url = public_url.replace("http", "ws", 1) + "/media-stream"
     twiml = (
-        f"<Response>{connect_stream(stream_url, parameters)}"
+        f"<Response>{connect_stream(media_stream_url(public_url), parameters)}"
         f"<Say>{xml.sax.saxutils.escape(CUT_OFF_MESSAGE)}</Say><Hangup/></Response>"
     )
     try:
