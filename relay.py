@@ -2260,7 +2260,11 @@ def place_call(to: str, greeting: str | None, instructions: str | None, params: 
         reply = twilio_post(account, "Calls.json", {"To": to, "From": caller_id, "Twiml": twiml})
     except TwilioError as error:
         sys.exit(f"relay: Twilio did not place the call: {error}")
-    sys.stdout.write(f"{reply.get('sid')}\n")
+    sid = reply.get("sid")
+    if not isinstance(sid, str) or not sid:
+        sys.exit("relay: Twilio's answer has no Call SID, so the call may not have been placed: "
+                 "check the call log in the Twilio console (and TWILIO_API_BASE_URL)")
+    sys.stdout.write(f"{sid}\n")
 
 
 def command_line(argv: list[str]) -> None:

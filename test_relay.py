@@ -2251,6 +2251,7 @@ CALL_COMMAND_ERRORS = {
     "bad caller id": ({"TWILIO_PHONE_NUMBER": "12"}, "+15553334444", "TWILIO_PHONE_NUMBER must be a phone number"),
     "refused": ({"TWILIO_API_SECRET": "wrong-secret"}, "+15553334444",
                 "Twilio did not place the call: HTTP 401, Twilio error 20003: Authenticate"),
+    "no sid": ({}, "+15553334444", "Twilio's answer has no Call SID, so the call may not have been placed"),
     "bad auth token": ({"TWILIO_AUTH_TOKEN": "secret"}, "+15553334444", "TWILIO_AUTH_TOKEN must be the 32 hex"),
 }
 
@@ -2265,6 +2266,8 @@ def test_relay_py_call_says_what_is_wrong_in_one_line(case: str) -> None:
                    **override}
             if not env["TWILIO_ACCOUNT_SID"]:
                 del env["TWILIO_API_KEY"], env["TWILIO_API_SECRET"]
+            if case == "no sid":
+                rest.failure = (201, {"status": "queued"})  # a success, yet no sid
             process = await run_call_command([number], env)
             stdout, stderr = await process.communicate()
             assert process.returncode != 0 and stdout == b""
