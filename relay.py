@@ -179,6 +179,9 @@ REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes before the
 GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
+MAX_FORM_BYTES = 8 * 1024  # a POST webhook's form body; Twilio's is about 1 KiB
+FORM_TIMEOUT = 5.0  # seconds for a POST's body to arrive, well within websockets' 10 s for a request
+MAX_HEAD_LINE_BYTES = 8192  # websockets' own limit for one line of a request's head
 START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
 MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
 COALESCE_WHEN_LATE = 0.02  # seconds behind Twilio's clock before caller frames are joined
@@ -1827,6 +1830,17 @@ class Relay:
         request costs nothing.
         """
         path = urllib.parse.urlsplit(request.path).path
+        if request.method not in ("GET", "HEAD") and (request.method, path) != ("POST", "/twiml"):
+            response = self.refuse(connection, request, "method", 405,
+                                   "Only GET here; POST is for /twiml, Twilio's webhook.\n")
+            response.headers["Allow"] = "GET, POST" if path == "/twiml" else "GET, HEAD"
+            return response
+        form: list[tuple[str, str]] = []
+        if request.method == "POST":
+            form_or_refusal = self.posted_form(connection, request)
+            if isinstance(form_or_refusal, Response):
+                return form_or_refusal
+            form = form_or_refusal
         if path == "/health":
             return json_response(self.health(), head=request.method == "HEAD")
         if path == "/metrics":
@@ -1835,23 +1849,36 @@ class Relay:
             readiness = self.readiness()
             status = 200 if readiness["status"] == "ready" else 503
             return json_response(readiness, status, head=request.method == "HEAD")
-        websocket = header(request, "Upgrade").lower() == "websocket"
+        websocket = request.method == "GET" and header(request, "Upgrade").lower() == "websocket"
         if path != "/twiml" and not websocket:
             return connection.respond(
                 426,
                 "This is a Twilio Media Streams endpoint: point <Stream url=\"wss://...\"> "
                 "at it. TwiML: /twiml  Health check: /health\n",
             )
-        if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket):
+        if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket, form):
             return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
         if path == "/twiml" and not websocket:
-            return text_response(self.twiml(request), "text/xml")
+            fields = form if request.method == "POST" else urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)
+            return text_response(self.twiml(request, dict(fields)), "text/xml")
         if self.draining or len(self.calls) >= self.config.max_calls:
             reason, why = ("draining", "The relay is shutting down") if self.draining else ("capacity", "Too many calls")
             response = self.refuse(connection, request, reason, 503, f"{why}; try again soon.\n")
             response.headers["Retry-After"] = "5"
             return response
         return None
+
+    def posted_form(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]] | Response:
+        """The form of POST /twiml (read by WebhookConnection), or why it is refused."""
+        assert isinstance(connection, WebhookConnection)  # serve_calls makes every connection one
+        if connection.form_problem is not None:
+            status, problem = connection.form_problem
+            return self.refuse(connection, request, "form", status, problem + "\n")
+        assert connection.form is not None  # a POST reaches the parser with one or the other
+        if not header(request, "Content-Type").lower().startswith("application/x-www-form-urlencoded"):
+            return self.refuse(connection, request, "form", 415,
+                               "POST /twiml takes a form (application/x-www-form-urlencoded), as Twilio sends.\n")
+        return connection.form
 
     def refuse(self, connection: ServerConnection, request: Request, reason: str, status: int, text: str) -> Response:
         self.stats.refused[reason] += 1
@@ -1872,31 +1899,37 @@ class Relay:
             origin = f"{'https' if secure else 'http'}://{header(request, 'Host')}"
         return origin.replace("http", "ws", 1) if websocket else origin  # https -> wss
 
-    def signed_by_twilio(self, request: Request, websocket: bool) -> bool:
-        """Check X-Twilio-Signature: base64 HMAC-SHA1 of the URL, keyed by the auth token.
+    def signed_by_twilio(self, request: Request, websocket: bool, form: list[tuple[str, str]]) -> bool:
+        """Check X-Twilio-Signature: base64 HMAC-SHA1, keyed by the auth token, of the URL.
 
-        Like Twilio's own validator, accept the URL with and without its default port.
+        For a POST, Twilio signs the URL followed by each form field's name and value,
+        sorted by name. Like Twilio's own validator, accept the URL with and without its
+        default port.
         """
         signature = header(request, "X-Twilio-Signature")
         if not signature:
             return False
         key = self.config.twilio_auth_token.encode()
         given = signature.encode("utf-8", "replace")  # headers may hold any bytes
+        fields = "".join(name + value for name, value in sorted(form))
         for url in url_forms(self.public_origin(request, websocket) + request.path):
-            digest = hmac.new(key, url.encode("utf-8", "replace"), hashlib.sha1).digest()
+            digest = hmac.new(key, (url + fields).encode("utf-8", "replace"), hashlib.sha1).digest()
             if hmac.compare_digest(base64.b64encode(digest), given):
                 return True
         return False
 
-    def twiml(self, request: Request) -> str:
-        """TwiML that connects a call to this relay, for the phone number's webhook (HTTP GET).
+    def twiml(self, request: Request, fields: Mapping[str, str]) -> str:
+        """TwiML that connects a call to this relay, for the phone number's webhook (GET or POST).
 
-        Twilio's webhook query says who is calling whom; passing From and To on as
-        ``<Parameter>``s lets the agent and the tools know it too.
+        Twilio's webhook fields (the query of a GET, the form of a POST) say who is calling
+        whom, and for an outbound call whether a person or a machine answered; passing them
+        on as ``<Parameter>``s lets the agent and the tools know it too.
         """
+        call_sid = fields.get("CallSid", "")
+        logger.info("TwiML for call %s (%s /twiml)", call_sid if re.fullmatch(r"CA[0-9a-f]{32}", call_sid) else "-",
+                    request.method)
         stream_url = self.public_origin(request, websocket=True) + "/media-stream"
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
-        parameters = {name: query[field][0] for name, field in (("from", "From"), ("to", "To")) if field in query}
+        parameters = {name: fields[field] for name, field in WEBHOOK_PARAMETERS if field in fields}
         return (
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n'
             f"  {connect_stream(stream_url, parameters)}\n"
@@ -1986,6 +2019,10 @@ class Relay:
             call.log.info("call ended (%d active)", len(self.calls))
 
 
+# Twilio's webhook fields the TwiML passes on to the call, as <Parameter name=...>s.
+WEBHOOK_PARAMETERS = (("from", "From"), ("to", "To"), ("answered_by", "AnsweredBy"))
+
+
 def header(request: Request, name: str) -> str:
     """The first value of a header, or "": repeated headers must not break the handshake."""
     values = request.headers.get_all(name)
@@ -2051,6 +2088,101 @@ def remote_address(connection: ServerConnection) -> str:
     return str(address[0]) if address else "unknown"
 
 
+class WebhookConnection(ServerConnection):
+    """A connection that also reads an HTTP POST: what Twilio sends a number's webhook by default.
+
+    websockets parses a request's head itself and gives a request with a body (as a POST
+    has) an empty reply. So this class stands before its parser: a request that starts
+    with ``POST`` goes to the parser line by line, all but its Content-Length and
+    Transfer-Encoding; the form body that follows (at most MAX_FORM_BYTES, within
+    FORM_TIMEOUT seconds) is read here into ``self.form``, then the blank line that ends
+    the head goes to the parser. process_request answers the POST like any other request,
+    from ``self.form``, or from ``self.form_problem`` if the body could not be read.
+    Every other request (the media stream's handshake, a GET) goes to the parser as it
+    arrives, untouched.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: bytearray | None = bytearray()  # what this class has yet to handle; None: not a POST
+        self.post = False  # the request is a POST: this class reads it
+        self.body_headers: list[bytes] = []  # a POST's Content-Length and Transfer-Encoding lines
+        self.form_length: int | None = None  # set once a POST's head has been read
+        self.form: list[tuple[str, str]] | None = None  # a POST's form, in the order sent
+        self.form_problem: tuple[int, str] | None = None  # or why it was not read: status, text
+        self.form_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is None:  # the usual case, and every frame of a call
+            super().data_received(data)
+            return
+        if self.form is not None or self.form_problem is not None:
+            return  # a POST already handed on: whatever comes after it is not read
+        self.held += data
+        self.post = self.post or self.held.startswith(b"POST ")
+        if self.post:
+            self.read_post()
+        elif not b"POST ".startswith(self.held):  # not a POST: hand over, and step aside for good
+            held, self.held = bytes(self.held), None
+            super().data_received(held)
+
+    def read_post(self) -> None:
+        """Pass on the head's lines as they come, then wait for the form."""
+        assert self.held is not None
+        while self.form_length is None:
+            end = self.held.find(b"\n")
+            if end < 0:
+                if len(self.held) > MAX_HEAD_LINE_BYTES:  # too long for websockets: let it refuse it
+                    held, self.held = bytes(self.held), None
+                    super().data_received(held)
+                return
+            line, self.held = bytes(self.held[: end + 1]), self.held[end + 1 :]
+            if line == b"\r\n":
+                self.form_length = self.length_of_form()
+            elif re.match(rb"(?i)(content-length|transfer-encoding)[ \t]*:", line):
+                self.body_headers.append(line)
+            else:
+                super().data_received(line)
+        if self.form_length < 0:
+            self.hand_on(411, "A POST here needs a Content-Length (and no Transfer-Encoding).")
+        elif self.form_length > MAX_FORM_BYTES:
+            self.hand_on(413, f"The form is larger than {MAX_FORM_BYTES} bytes.")
+        elif len(self.held) >= self.form_length:
+            body = bytes(self.held[: self.form_length]).decode("utf-8", "replace")
+            self.form = urllib.parse.parse_qsl(body, keep_blank_values=True)
+            self.hand_on()
+        elif self.form_timer is None:
+            self.form_timer = self.loop.call_later(FORM_TIMEOUT, self.hand_on, 408, "The form came too slowly.")
+
+    def length_of_form(self) -> int:
+        """The body's size, from its Content-Length; -1 if it has none, two, or a Transfer-Encoding."""
+        fields = {tuple(part.strip().lower() for part in line.split(b":", 1)) for line in self.body_headers}
+        if len(fields) != 1:
+            return -1
+        ((name, value),) = fields
+        return int(value) if name == b"content-length" and value.isdigit() else -1
+
+    def hand_on(self, status: int = 0, problem: str = "") -> None:
+        """End the head for websockets' parser: process_request then answers the POST."""
+        self.stop_form_timer()
+        if status:
+            self.form_problem = (status, problem)
+        self.held = bytearray()
+        super().data_received(b"\r\n")
+
+    def stop_form_timer(self) -> None:
+        if self.form_timer is not None:
+            self.form_timer.cancel()
+
+    def eof_received(self) -> None:
+        self.stop_form_timer()  # the parser is told the request ended: nothing is handed on after it
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_form_timer()
+        super().connection_lost(exc)
+
+
 @contextlib.asynccontextmanager
 async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Server]:
     """The WebSocket server Twilio connects to, with the limits a phone call needs.
@@ -2063,6 +2195,7 @@ async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Serve
             host,
             port,
             process_request=relay.process_request,
+            create_connection=WebhookConnection,  # reads Twilio's POST webhook, see there
             compression=None,  # base64 audio barely compresses; deflate only costs CPU
             close_timeout=CLOSE_TIMEOUT,
             max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009

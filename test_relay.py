@@ -1938,6 +1938,137 @@ def test_twiml_passes_the_caller_and_the_number_dialled_as_parameters() -> None:
     run(scenario)
 
 
+# What Twilio's console sends a number's webhook by default: a POST, its form signed with the URL.
+WEBHOOK_FORM = [("AccountSid", "AC" + "0" * 32), ("AnsweredBy", "human"), ("CallSid", "CA" + "ab" * 16),
+                ("CallStatus", "ringing"), ("Caller", "+15550001111"), ("FromCity", ""), ("From", "+15550001111"),
+                ("To", "+15559998888"), ("Direction", "outbound-api")]
+
+
+def post_signature(url: str, form: list[tuple[str, str]]) -> str:
+    """Twilio's signature of a POST: the URL, then each field's name and value, sorted by name."""
+    return twilio_signature(url + "".join(name + value for name, value in sorted(form)))
+
+
+async def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Write one request exactly as given and read the whole answer: status, headers, body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer, "an empty reply"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    return int(status_line.split()[1]), {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}, body
+
+
+def post_request(path: str, body: str, headers: dict[str, str]) -> bytes:
+    fields = {"Host": "relay.example.com", "Content-Type": "application/x-www-form-urlencoded",
+              "Content-Length": str(len(body.encode())), **headers}
+    return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+            + body).encode()
+
+
+def test_twiml_answers_twilios_post_webhook_and_checks_its_signature(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        body = urllib.parse.urlencode(WEBHOOK_FORM)
+        async with FakeOpenAI().running() as fake, running_relay(fake, TWILIO_AUTH_TOKEN=AUTH_TOKEN) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            proxied = {"X-Forwarded-Proto": "https"}
+            signed = post_signature("https://relay.example.com/twiml?tenant=7", WEBHOOK_FORM)
+            status, fields, answer = await exchange(port, post_request(
+                "/twiml?tenant=7", body, {**proxied, "X-Twilio-Signature": signed}))
+            assert status == 200 and fields["content-type"] == "text/xml"
+            stream = ElementTree.fromstring(answer).find("Connect/Stream")
+            assert stream.get("url") == "wss://relay.example.com/media-stream"
+            assert [(p.get("name"), p.get("value")) for p in stream.findall("Parameter")] == [
+                ("from", "+15550001111"), ("to", "+15559998888"), ("answered_by", "human")]
+            with_port = post_signature("https://relay.example.com:443/twiml", WEBHOOK_FORM)
+            assert (await exchange(port, post_request("/twiml", body, {**proxied, "X-Twilio-Signature": with_port})))[0] == 200
+            tampered = body.replace("human", "machine_start")
+            for headers, sent in (({}, body),  # unsigned
+                                  ({"X-Twilio-Signature": twilio_signature("https://relay.example.com/twiml")}, body),
+                                  ({"X-Twilio-Signature": with_port}, tampered)):
+                status, _, answer = await exchange(port, post_request("/twiml", sent, {**proxied, **headers}))
+                assert (status, answer) == (403, b"Invalid Twilio signature.\n")
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="signature"}'] == 3
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            status, _, answer = await exchange(the_relay.port, post_request("/twiml", body, {}))  # type: ignore[attr-defined]
+            assert status == 200  # no TWILIO_AUTH_TOKEN: nothing to check
+            assert ElementTree.fromstring(answer).find("Connect/Stream").get("url") == "ws://relay.example.com/media-stream"
+        assert not fake.sessions
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count(f"TwiML for call CA{'ab' * 16} (POST /twiml)") == 3
+    assert not any("+1555" in line for line in lines)  # the numbers are personal data
+
+
+def test_other_methods_and_posts_elsewhere_get_405_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            for method, path, allowed in (("PUT", "/twiml", "GET, POST"), ("DELETE", "/health", "GET, HEAD"),
+                                          ("OPTIONS", "/media-stream", "GET, HEAD")):
+                request = f"{method} {path} HTTP/1.1\r\nHost: relay.example.com\r\n\r\n".encode()
+                status, fields, answer = await exchange(port, request)
+                assert (status, fields["allow"]) == (405, allowed)
+                assert answer == b"Only GET here; POST is for /twiml, Twilio's webhook.\n"
+            for path in ("/media-stream", "/health"):
+                status, fields, _ = await exchange(port, post_request(path, "From=%2B15550001111", {}))
+                assert (status, fields["allow"]) == (405, "GET, HEAD")
+            assert (await health(the_relay))["status"] == "healthy"  # GET and HEAD still work
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="method"}'] == 5
+            assert not fake.sessions
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refusals) == 5
+    assert refusals[0] == "refused PUT /twiml from 127.0.0.1: Only GET here; POST is for /twiml, Twilio's webhook."
+
+
+def test_a_post_that_is_too_large_slow_or_not_a_form_gets_a_clear_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "FORM_TIMEOUT", 0.2)
+
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            big = "Note=" + "x" * relay.MAX_FORM_BYTES
+            at_the_cap = "Note=" + "x" * (relay.MAX_FORM_BYTES - 5)
+            chunked = post_request("/twiml", "", {"Transfer-Encoding": "chunked"}).replace(b"Content-Length: 0\r\n", b"")
+            unsized = post_request("/twiml", "", {}).replace(b"Content-Length: 0\r\n", b"")
+            cases = [
+                (post_request("/twiml", at_the_cap, {}), 200, b"<Response>"),
+                (post_request("/twiml", big, {}), 413, f"The form is larger than {relay.MAX_FORM_BYTES} bytes.".encode()),
+                (post_request("/twiml", "From=%2B1555", {"Content-Length": "100"}), 408, b"The form came too slowly."),
+                (chunked, 411, b"A POST here needs a Content-Length"),
+                (unsized, 411, b"A POST here needs a Content-Length"),
+                (post_request("/twiml", "From=%2B1555", {"Content-Length": "3, 4"}), 411, b"needs a Content-Length"),
+                (post_request("/twiml", '{"From": "+1555"}', {"Content-Type": "application/json"}), 415,
+                 b"POST /twiml takes a form"),
+                (post_request("/twiml", "", {"X-Long": "y" * 9000}), 431, b"Failed to open a WebSocket connection"),
+            ]
+            for request, wanted, words in cases:
+                status, _, answer = await exchange(port, request)
+                assert status == wanted and words in answer, (request[:60], status, answer)
+            # A POST whose form comes in pieces, the head split mid-line, is read in full.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            request = post_request("/twiml", urllib.parse.urlencode(WEBHOOK_FORM), {})
+            for piece in (request[:3], request[3:40], request[40:-30], request[-30:]):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 OK") and b'<Parameter name="answered_by" value="human" />' in answer
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="form"}'] == 6
+            assert not fake.sessions
+
+    run(scenario)
+
+
 # Call control through Twilio's REST API ---------------------------------------------------------
 
 ACCOUNT_SID = "AC" + "a1" * 16
