@@ -1859,8 +1859,8 @@ class Relay:
         if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket, form):
             return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
         if path == "/twiml" and not websocket:
-            fields = form if request.method == "POST" else urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)
-            return text_response(self.twiml(request, dict(fields)), "text/xml")
+            query = urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)
+            return text_response(self.twiml(request, dict(form if request.method == "POST" else query)), "text/xml")
         if self.draining or len(self.calls) >= self.config.max_calls:
             reason, why = ("draining", "The relay is shutting down") if self.draining else ("capacity", "Too many calls")
             response = self.refuse(connection, request, reason, 503, f"{why}; try again soon.\n")
