@@ -2092,42 +2092,46 @@ class WebhookConnection(ServerConnection):
     """A connection that also reads an HTTP POST: what Twilio sends a number's webhook by default.
 
     websockets parses a request's head itself and gives a request with a body (as a POST
-    has) an empty reply. So this class stands before its parser: a request that starts
-    with ``POST`` goes to the parser line by line, all but its Content-Length and
-    Transfer-Encoding; the form body that follows (at most MAX_FORM_BYTES, within
-    FORM_TIMEOUT seconds) is read here into ``self.form``, then the blank line that ends
-    the head goes to the parser. process_request answers the POST like any other request,
-    from ``self.form``, or from ``self.form_problem`` if the body could not be read.
-    Every other request (the media stream's handshake, a GET) goes to the parser as it
-    arrives, untouched.
+    has) an empty reply. So this class stands before its parser. A GET (the media
+    stream's handshake, a health check) goes to the parser as it arrives, untouched. Any
+    other request goes to it line by line, all but its Content-Length and
+    Transfer-Encoding; for a POST, the form body that follows (at most MAX_FORM_BYTES,
+    within FORM_TIMEOUT seconds) is read here into ``self.form``; then the blank line
+    that ends the head goes to the parser. No other body is read. process_request answers
+    the request like any other, the POST from ``self.form``, or from ``self.form_problem``
+    if its form could not be read.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.held: bytearray | None = bytearray()  # what this class has yet to handle; None: not a POST
-        self.post = False  # the request is a POST: this class reads it
-        self.body_headers: list[bytes] = []  # a POST's Content-Length and Transfer-Encoding lines
-        self.form_length: int | None = None  # set once a POST's head has been read
+        self.held: bytearray | None = bytearray()  # what this class has yet to handle; None: a GET
+        self.method = b""  # the request's method, once known, unless it is GET
+        self.body_headers: list[bytes] = []  # the Content-Length and Transfer-Encoding lines
+        self.form_length: int | None = None  # set once the head has been read: 0 but for a POST
         self.form: list[tuple[str, str]] | None = None  # a POST's form, in the order sent
         self.form_problem: tuple[int, str] | None = None  # or why it was not read: status, text
         self.form_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        if self.held is None:  # the usual case, and every frame of a call
+        if self.held is None:  # a GET, and every frame of a call
             super().data_received(data)
             return
         if self.form is not None or self.form_problem is not None:
-            return  # a POST already handed on: whatever comes after it is not read
+            return  # the request is handed on: a body after it is not read
         self.held += data
-        self.post = self.post or self.held.startswith(b"POST ")
-        if self.post:
-            self.read_post()
-        elif not b"POST ".startswith(self.held):  # not a POST: hand over, and step aside for good
-            held, self.held = bytes(self.held), None
-            super().data_received(held)
+        if not self.method:
+            method, space, _ = self.held.partition(b" ")
+            if not space and len(self.held) <= MAX_HEAD_LINE_BYTES:
+                return  # the method has yet to arrive in full
+            if method == b"GET" or not space:  # websockets reads it, and refuses it if it must
+                held, self.held = bytes(self.held), None
+                super().data_received(held)
+                return
+            self.method = bytes(method)
+        self.read_request()
 
-    def read_post(self) -> None:
-        """Pass on the head's lines as they come, then wait for the form."""
+    def read_request(self) -> None:
+        """Pass on the head's lines as they come, then wait for a POST's form."""
         assert self.held is not None
         while self.form_length is None:
             end = self.held.find(b"\n")
@@ -2138,7 +2142,7 @@ class WebhookConnection(ServerConnection):
                 return
             line, self.held = bytes(self.held[: end + 1]), self.held[end + 1 :]
             if line == b"\r\n":
-                self.form_length = self.length_of_form()
+                self.form_length = self.length_of_form() if self.method == b"POST" else 0
             elif re.match(rb"(?i)(content-length|transfer-encoding)[ \t]*:", line):
                 self.body_headers.append(line)
             else:

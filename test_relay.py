@@ -2009,9 +2009,11 @@ def test_other_methods_and_posts_elsewhere_get_405_and_one_log_line(caplog: pyte
     async def scenario() -> None:
         async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
             port = the_relay.port  # type: ignore[attr-defined]
-            for method, path, allowed in (("PUT", "/twiml", "GET, POST"), ("DELETE", "/health", "GET, HEAD"),
-                                          ("OPTIONS", "/media-stream", "GET, HEAD")):
-                request = f"{method} {path} HTTP/1.1\r\nHost: relay.example.com\r\n\r\n".encode()
+            for method, path, body, allowed in (("PUT", "/twiml", "From=%2B1555", "GET, POST"),
+                                                ("DELETE", "/health", "x" * 100_000, "GET, HEAD"),
+                                                ("OPTIONS", "/media-stream", "", "GET, HEAD")):
+                length = f"Content-Length: {len(body)}\r\n" if body else ""
+                request = f"{method} {path} HTTP/1.1\r\nHost: relay.example.com\r\n{length}\r\n{body}".encode()
                 status, fields, answer = await exchange(port, request)
                 assert (status, fields["allow"]) == (405, allowed)
                 assert answer == b"Only GET here; POST is for /twiml, Twilio's webhook.\n"
