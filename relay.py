@@ -2124,8 +2124,7 @@ class WebhookConnection(ServerConnection):
             if not space and len(self.held) <= MAX_HEAD_LINE_BYTES:
                 return  # the method has yet to arrive in full
             if method == b"GET" or not space:  # websockets reads it, and refuses it if it must
-                held, self.held = bytes(self.held), None
-                super().data_received(held)
+                self.step_aside()
                 return
             self.method = bytes(method)
         self.read_request()
@@ -2137,8 +2136,7 @@ class WebhookConnection(ServerConnection):
             end = self.held.find(b"\n")
             if end < 0:
                 if len(self.held) > MAX_HEAD_LINE_BYTES:  # too long for websockets: let it refuse it
-                    held, self.held = bytes(self.held), None
-                    super().data_received(held)
+                    self.step_aside()
                 return
             line, self.held = bytes(self.held[: end + 1]), self.held[end + 1 :]
             if line == b"\r\n":
@@ -2157,6 +2155,11 @@ class WebhookConnection(ServerConnection):
             self.hand_on()
         elif self.form_timer is None:
             self.form_timer = self.loop.call_later(FORM_TIMEOUT, self.hand_on, 408, "The form came too slowly.")
+
+    def step_aside(self) -> None:
+        """Give websockets' parser what is held, and from now on all that comes."""
+        held, self.held = bytes(self.held or b""), None
+        super().data_received(held)
 
     def length_of_form(self) -> int:
         """The body's size, from its Content-Length; -1 if it has none, two, or a Transfer-Encoding."""
