@@ -32,15 +32,18 @@ import contextlib
 import ctypes
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import http
 import inspect
+import ipaddress
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import urllib.error
@@ -181,6 +184,9 @@ REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes before the
 GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
+MAX_FORM_BYTES = 8 * 1024  # a POST webhook's form body; Twilio's is about 1 KiB
+FORM_TIMEOUT = 5.0  # seconds for a POST's body to arrive, well within websockets' 10 s for a request
+MAX_HEAD_LINE_BYTES = 8192  # websockets' own limit for one line of a request's head
 START_TIMEOUT = 10.0  # seconds for Twilio to send "start" before the relay gives up on a socket
 MAX_PENDING_MARKS = 1000  # marks awaiting their echo; a peer that never echoes cannot grow it
 COALESCE_WHEN_LATE = 0.02  # seconds behind Twilio's clock before caller frames are joined
@@ -193,6 +199,9 @@ MEMORY_TURN_CHARS = 2000
 MEMORY_CHARS = 24000  # about 6,000 tokens: a new session reads it all before it answers
 ROLLOVER_QUIET_WAIT = 60.0  # seconds a planned rollover waits for a quiet moment
 MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
+
+
+PLACEHOLDER_API_KEY = "sk-your-key-here"  # what .env.example says until the user puts a key there
 
 
 class ConfigError(Exception):
@@ -215,6 +224,7 @@ class Config:
 
     openai_api_key: str
     openai_url: str
+    openai_model: str = "gpt-realtime-2.1"
     host: str = "0.0.0.0"
     port: int = 8080
     voice: str = "alloy"
@@ -253,10 +263,8 @@ class Config:
 
 def realtime_url(base_url: str, model: str) -> str:
     """Turn an OpenAI REST base URL into the Realtime WebSocket URL, as the official SDK does."""
-    parts = urllib.parse.urlsplit(base_url.rstrip("/"))
-    scheme = {"https": "wss", "http": "ws", "wss": "wss", "ws": "ws"}.get(parts.scheme)
-    if scheme is None or not parts.netloc:
-        raise ConfigError(f"OPENAI_BASE_URL must be an http(s) URL, got {base_url!r}")
+    parts = _url("OPENAI_BASE_URL", base_url.rstrip("/"), "https://api.openai.com/v1", ("https", "wss"))
+    scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
     query = urllib.parse.urlencode({"model": model})
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path + "/realtime", query, ""))
 
@@ -275,14 +283,51 @@ def _number(env: Mapping[str, str], name: str, default: float, low: float, high:
     return value
 
 
+def _whole_number(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    """A count or a number of milliseconds: a fraction is refused, not cut short."""
+    value = _number(env, name, default, low, high)
+    if value != int(value):
+        raise ConfigError(f"{name} must be a whole number, got {env[name].strip()!r}")
+    return int(value)
+
+
+def _is_loopback(host: str) -> bool:
+    """This machine (127.0.0.0/8, ::1, localhost): the only host plain http:// is safe for."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(name: str, raw: str, example: str, schemes: tuple[str, ...] = ("https",)) -> urllib.parse.SplitResult:
+    """A URL with a host and no spaces, in one of ``schemes``; their plain forms only to this machine.
+
+    Plain http:// (or ws://) is what the tests and local trials use; anywhere else it sends
+    audio and keys in the clear, and Twilio refuses to stream to it.
+    """
+    plain = {"https": "http", "wss": "ws"}
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed [IPv6 address
+        host = None
+    if re.search(r"\s", raw) or not host or parts.scheme not in {*schemes, *(plain[s] for s in schemes)}:
+        raise ConfigError(f"{name} must be a URL like {example}, without spaces; got {raw!r}")
+    if parts.scheme not in schemes and not _is_loopback(host):
+        raise ConfigError(f"{name} must be an {schemes[0]}:// URL (plain {plain[schemes[0]]}:// only for "
+                          f"localhost or 127.0.0.1); got {raw!r}")
+    return parts
+
+
 def _public_url(raw: str) -> str:
     """Accept https://host or wss://host (with an optional path); keep it as https://host/path."""
     if not raw:
         return ""
-    parts = urllib.parse.urlsplit(raw.rstrip("/"))
-    scheme = {"https": "https", "wss": "https", "http": "http", "ws": "http"}.get(parts.scheme)
-    if scheme is None or not parts.netloc or parts.query:
-        raise ConfigError(f"PUBLIC_URL must look like https://relay.example.com, got {raw!r}")
+    parts = _url("PUBLIC_URL", raw.rstrip("/"), "https://relay.example.com", ("https", "wss"))
+    if parts.query:
+        raise ConfigError(f"PUBLIC_URL must be the relay's address without a query, like https://relay.example.com; "
+                          f"got {raw!r}")
+    scheme = "https" if parts.scheme in ("https", "wss") else "http"
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, "", ""))
 
 
@@ -299,10 +344,9 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 def _mcp_server_url(raw: str) -> str:
-    """An MCP server OpenAI can reach: a public https URL, or empty for none."""
-    parts = urllib.parse.urlsplit(raw)
-    if raw and (parts.scheme != "https" or not parts.netloc):
-        raise ConfigError(f"MCP_SERVER_URL must be an https:// URL, got {raw!r}")
+    """An MCP server OpenAI can reach: a public https URL (never this machine), or empty for none."""
+    if raw and _url("MCP_SERVER_URL", raw, "https://mcp.example.com/mcp").scheme != "https":
+        raise ConfigError(f"MCP_SERVER_URL must be an https:// URL that OpenAI can reach, got {raw!r}")
     return raw
 
 
@@ -325,15 +369,24 @@ def _phone_number(name: str, raw: str) -> str:
     return raw
 
 
+def _auth_token(env: Mapping[str, str]) -> str:
+    """Twilio's auth token, 32 hex digits: a wrong one would fail every signature and REST call."""
+    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
+    if token and not re.fullmatch(r"[0-9a-fA-F]{32}", token):
+        # Never echo a secret, not even a wrong one: it may be another of the user's keys.
+        raise ConfigError(f"TWILIO_AUTH_TOKEN must be the 32 hex digits of your Auth Token (Twilio console, "
+                          f"Account info); this value is not ({len(token)} characters)")
+    return token
+
+
 def load_twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
     """The REST credentials, if any: an API key and secret (preferred), or the auth token."""
     sid = env.get("TWILIO_ACCOUNT_SID", "").strip()
     key = env.get("TWILIO_API_KEY", "").strip()
     secret = env.get("TWILIO_API_SECRET", "").strip()
-    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
+    token = _auth_token(env)
     base_url = (env.get("TWILIO_API_BASE_URL", "").strip() or "https://api.twilio.com").rstrip("/")
-    if urllib.parse.urlsplit(base_url).scheme not in ("https", "http") or "//" not in base_url:
-        raise ConfigError(f"TWILIO_API_BASE_URL must be an https:// URL, got {base_url!r}")
+    _url("TWILIO_API_BASE_URL", base_url, "https://api.twilio.com")
     if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits, got {sid[:40]!r}")
     if key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", key):
@@ -359,6 +412,11 @@ def load_config(env: Mapping[str, str]) -> Config:
             "OPENAI_API_KEY is not set. Put OPENAI_API_KEY=sk-... in a .env file "
             "next to relay.py (see .env.example) or export it in the environment."
         )
+    if api_key == PLACEHOLDER_API_KEY:
+        raise ConfigError(
+            f"OPENAI_API_KEY is still {PLACEHOLDER_API_KEY}, the example from .env.example: "
+            "replace it in .env with your own key (https://platform.openai.com/api-keys)"
+        )
     voice = env.get("VOICE", "").strip() or "alloy"
     if voice not in VOICES:
         raise ConfigError(f"VOICE must be one of {', '.join(VOICES)}; got {voice!r}")
@@ -366,6 +424,8 @@ def load_config(env: Mapping[str, str]) -> Config:
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {log_level!r}")
     model = env.get("OPENAI_MODEL", "").strip() or "gpt-realtime-2.1"
+    if re.search(r"\s", model):
+        raise ConfigError(f"OPENAI_MODEL must be a model name without spaces, like gpt-realtime-2.1; got {model!r}")
     base_url = env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1"
     twilio_rest = load_twilio_account(env)
     transfer_to = env.get("TRANSFER_TO", "").strip()
@@ -390,13 +450,14 @@ def load_config(env: Mapping[str, str]) -> Config:
     return Config(
         openai_api_key=api_key,
         openai_url=realtime_url(base_url, model),
+        openai_model=model,
         host=env.get("HOST", "").strip() or "0.0.0.0",
-        port=int(_number(env, "PORT", 8080, 0, 65535)),
+        port=_whole_number(env, "PORT", 8080, 0, 65535),
         voice=voice,
         instructions=instructions,
         vad_threshold=_number(env, "VAD_THRESHOLD", 0.5, 0.0, 1.0),
-        vad_prefix_padding_ms=int(_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000)),
-        vad_silence_duration_ms=int(_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000)),
+        vad_prefix_padding_ms=_whole_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000),
+        vad_silence_duration_ms=_whole_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000),
         log_level=log_level,
         drain_seconds=_number(env, "DRAIN_SECONDS", 10, 0, 3600),
         openai_connect_timeout=_number(env, "OPENAI_CONNECT_TIMEOUT", 10, 0.1, 120),
@@ -406,10 +467,10 @@ def load_config(env: Mapping[str, str]) -> Config:
         end_call_tool=_switch(env, "END_CALL_TOOL", True),
         max_call_seconds=max_call_seconds,
         log_transcripts=_switch(env, "LOG_TRANSCRIPTS", False),
-        twilio_auth_token=env.get("TWILIO_AUTH_TOKEN", "").strip(),
+        twilio_auth_token=_auth_token(env),
         public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
-        max_calls=int(_number(env, "MAX_CALLS", 50, 1, 100000)),
-        warm_sessions=int(_number(env, "WARM_SESSIONS", 0, 0, 100)),
+        max_calls=_whole_number(env, "MAX_CALLS", 50, 1, 100000),
+        warm_sessions=_whole_number(env, "WARM_SESSIONS", 0, 0, 100),
         mcp_server_url=_mcp_server_url(env.get("MCP_SERVER_URL", "").strip()),
         mcp_server_label=mcp_label,
         mcp_authorization=env.get("MCP_AUTHORIZATION", "").strip(),
@@ -2086,6 +2147,17 @@ class Relay:
         request costs nothing.
         """
         path = urllib.parse.urlsplit(request.path).path
+        if request.method not in ("GET", "HEAD") and (request.method, path) != ("POST", "/twiml"):
+            response = self.refuse(connection, request, "method", 405,
+                                   "Only GET here; POST is for /twiml, Twilio's webhook.\n")
+            response.headers["Allow"] = "GET, POST" if path == "/twiml" else "GET, HEAD"
+            return response
+        form: list[tuple[str, str]] = []
+        if request.method == "POST":
+            form_or_refusal = self.posted_form(connection, request)
+            if isinstance(form_or_refusal, Response):
+                return form_or_refusal
+            form = form_or_refusal
         if path == "/health":
             return json_response(self.health(), head=request.method == "HEAD")
         if path == "/metrics":
@@ -2094,23 +2166,36 @@ class Relay:
             readiness = self.readiness()
             status = 200 if readiness["status"] == "ready" else 503
             return json_response(readiness, status, head=request.method == "HEAD")
-        websocket = header(request, "Upgrade").lower() == "websocket"
+        websocket = request.method == "GET" and header(request, "Upgrade").lower() == "websocket"
         if path != "/twiml" and not websocket:
             return connection.respond(
                 426,
                 "This is a Twilio Media Streams endpoint: point <Stream url=\"wss://...\"> "
                 "at it. TwiML: /twiml  Health check: /health\n",
             )
-        if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket):
+        if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket, form):
             return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
         if path == "/twiml" and not websocket:
-            return text_response(self.twiml(request), "text/xml")
+            query = urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)
+            return text_response(self.twiml(request, dict(form if request.method == "POST" else query)), "text/xml")
         if self.draining or len(self.calls) >= self.config.max_calls:
             reason, why = ("draining", "The relay is shutting down") if self.draining else ("capacity", "Too many calls")
             response = self.refuse(connection, request, reason, 503, f"{why}; try again soon.\n")
             response.headers["Retry-After"] = "5"
             return response
         return None
+
+    def posted_form(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]] | Response:
+        """The form of POST /twiml (read by WebhookConnection), or why it is refused."""
+        assert isinstance(connection, WebhookConnection)  # serve_calls makes every connection one
+        if connection.form_problem is not None:
+            status, problem = connection.form_problem
+            return self.refuse(connection, request, "form", status, problem + "\n")
+        assert connection.form is not None  # a POST reaches the parser with one or the other
+        if not header(request, "Content-Type").lower().startswith("application/x-www-form-urlencoded"):
+            return self.refuse(connection, request, "form", 415,
+                               "POST /twiml takes a form (application/x-www-form-urlencoded), as Twilio sends.\n")
+        return connection.form
 
     def refuse(self, connection: ServerConnection, request: Request, reason: str, status: int, text: str) -> Response:
         self.stats.refused[reason] += 1
@@ -2131,31 +2216,37 @@ class Relay:
             origin = f"{'https' if secure else 'http'}://{header(request, 'Host')}"
         return origin.replace("http", "ws", 1) if websocket else origin  # https -> wss
 
-    def signed_by_twilio(self, request: Request, websocket: bool) -> bool:
-        """Check X-Twilio-Signature: base64 HMAC-SHA1 of the URL, keyed by the auth token.
+    def signed_by_twilio(self, request: Request, websocket: bool, form: list[tuple[str, str]]) -> bool:
+        """Check X-Twilio-Signature: base64 HMAC-SHA1, keyed by the auth token, of the URL.
 
-        Like Twilio's own validator, accept the URL with and without its default port.
+        For a POST, Twilio signs the URL followed by each form field's name and value,
+        sorted by name. Like Twilio's own validator, accept the URL with and without its
+        default port.
         """
         signature = header(request, "X-Twilio-Signature")
         if not signature:
             return False
         key = self.config.twilio_auth_token.encode()
         given = signature.encode("utf-8", "replace")  # headers may hold any bytes
+        fields = "".join(name + value for name, value in sorted(form))
         for url in url_forms(self.public_origin(request, websocket) + request.path):
-            digest = hmac.new(key, url.encode("utf-8", "replace"), hashlib.sha1).digest()
+            digest = hmac.new(key, (url + fields).encode("utf-8", "replace"), hashlib.sha1).digest()
             if hmac.compare_digest(base64.b64encode(digest), given):
                 return True
         return False
 
-    def twiml(self, request: Request) -> str:
-        """TwiML that connects a call to this relay, for the phone number's webhook (HTTP GET).
+    def twiml(self, request: Request, fields: Mapping[str, str]) -> str:
+        """TwiML that connects a call to this relay, for the phone number's webhook (GET or POST).
 
-        Twilio's webhook query says who is calling whom; passing From and To on as
-        ``<Parameter>``s lets the agent and the tools know it too.
+        Twilio's webhook fields (the query of a GET, the form of a POST) say who is calling
+        whom, and for an outbound call whether a person or a machine answered; passing them
+        on as ``<Parameter>``s lets the agent and the tools know it too.
         """
+        call_sid = fields.get("CallSid", "")
+        logger.info("TwiML for call %s (%s /twiml)", call_sid if re.fullmatch(r"CA[0-9a-f]{32}", call_sid) else "-",
+                    request.method)
         stream_url = self.public_origin(request, websocket=True) + "/media-stream"
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(request.path).query)
-        parameters = {name: query[field][0] for name, field in (("from", "From"), ("to", "To")) if field in query}
+        parameters = {name: fields[field] for name, field in WEBHOOK_PARAMETERS if field in fields}
         return (
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n'
             f"  {connect_stream(stream_url, parameters)}\n"
@@ -2245,6 +2336,10 @@ class Relay:
             call.log.info("call ended (%d active)", len(self.calls))
 
 
+# Twilio's webhook fields the TwiML passes on to the call, as <Parameter name=...>s.
+WEBHOOK_PARAMETERS = (("from", "From"), ("to", "To"), ("answered_by", "AnsweredBy"))
+
+
 def header(request: Request, name: str) -> str:
     """The first value of a header, or "": repeated headers must not break the handshake."""
     values = request.headers.get_all(name)
@@ -2265,6 +2360,11 @@ def url_forms(url: str) -> set[str]:
         forms.add(urllib.parse.urlunsplit(parts._replace(netloc=host)))
         forms.add(urllib.parse.urlunsplit(parts._replace(netloc=f"{host}:{default}")))
     return forms
+
+
+def media_stream_url(public_url: str) -> str:
+    """Where Twilio streams a call to: PUBLIC_URL as wss:// (ws:// for a loopback trial)."""
+    return public_url.replace("http", "ws", 1) + "/media-stream"
 
 
 def connect_stream(url: str, parameters: Mapping[str, str]) -> str:
@@ -2305,18 +2405,128 @@ def remote_address(connection: ServerConnection) -> str:
     return str(address[0]) if address else "unknown"
 
 
+class WebhookConnection(ServerConnection):
+    """A connection that also reads an HTTP POST: what Twilio sends a number's webhook by default.
+
+    websockets parses a request's head itself and gives a request with a body (as a POST
+    has) an empty reply. So this class stands before its parser. A GET (the media
+    stream's handshake, a health check) goes to the parser as it arrives, untouched. Any
+    other request goes to it line by line, all but its Content-Length and
+    Transfer-Encoding; for a POST, the form body that follows (at most MAX_FORM_BYTES,
+    within FORM_TIMEOUT seconds) is read here into ``self.form``; then the blank line
+    that ends the head goes to the parser. No other body is read. process_request answers
+    the request like any other, the POST from ``self.form``, or from ``self.form_problem``
+    if its form could not be read.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.held: bytearray | None = bytearray()  # what this class has yet to handle; None: a GET
+        self.method = b""  # the request's method, once known, unless it is GET
+        self.body_headers: list[bytes] = []  # the Content-Length and Transfer-Encoding lines
+        self.form_length: int | None = None  # set once the head has been read: 0 but for a POST
+        self.form: list[tuple[str, str]] | None = None  # a POST's form, in the order sent
+        self.form_problem: tuple[int, str] | None = None  # or why it was not read: status, text
+        self.form_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self.held is None:  # a GET, and every frame of a call
+            super().data_received(data)
+            return
+        if self.form is not None or self.form_problem is not None:
+            return  # the request is handed on: a body after it is not read
+        self.held += data
+        if not self.method:
+            method, space, _ = self.held.partition(b" ")
+            if not space and len(self.held) <= MAX_HEAD_LINE_BYTES:
+                return  # the method has yet to arrive in full
+            if method == b"GET" or not space:  # websockets reads it, and refuses it if it must
+                self.step_aside()
+                return
+            self.method = bytes(method)
+        self.read_request()
+
+    def read_request(self) -> None:
+        """Pass on the head's lines as they come, then wait for a POST's form."""
+        assert self.held is not None
+        while self.form_length is None:
+            end = self.held.find(b"\n")
+            if end < 0:
+                if len(self.held) > MAX_HEAD_LINE_BYTES:  # too long for websockets: let it refuse it
+                    self.step_aside()
+                return
+            line, self.held = bytes(self.held[: end + 1]), self.held[end + 1 :]
+            if line == b"\r\n":
+                self.form_length = self.length_of_form() if self.method == b"POST" else 0
+            elif re.match(rb"(?i)(content-length|transfer-encoding)[ \t]*:", line):
+                self.body_headers.append(line)
+            else:
+                super().data_received(line)
+        if self.form_length < 0:
+            self.hand_on(411, "A POST here needs a Content-Length (and no Transfer-Encoding).")
+        elif self.form_length > MAX_FORM_BYTES:
+            self.hand_on(413, f"The form is larger than {MAX_FORM_BYTES} bytes.")
+        elif len(self.held) >= self.form_length:
+            body = bytes(self.held[: self.form_length]).decode("utf-8", "replace")
+            self.form = urllib.parse.parse_qsl(body, keep_blank_values=True)
+            self.hand_on()
+        elif self.form_timer is None:
+            self.form_timer = self.loop.call_later(FORM_TIMEOUT, self.hand_on, 408, "The form came too slowly.")
+
+    def step_aside(self) -> None:
+        """Give websockets' parser what is held, and from now on all that comes."""
+        held, self.held = bytes(self.held or b""), None
+        super().data_received(held)
+
+    def length_of_form(self) -> int:
+        """The body's size, from its Content-Length; -1 if it has none, two, or a Transfer-Encoding."""
+        fields = {tuple(part.strip().lower() for part in line.split(b":", 1)) for line in self.body_headers}
+        if len(fields) != 1:
+            return -1
+        ((name, value),) = fields
+        return int(value) if name == b"content-length" and value.isdigit() else -1
+
+    def hand_on(self, status: int = 0, problem: str = "") -> None:
+        """End the head for websockets' parser: process_request then answers the POST."""
+        self.stop_form_timer()
+        if status:
+            self.form_problem = (status, problem)
+        self.held = bytearray()
+        super().data_received(b"\r\n")
+
+    def stop_form_timer(self) -> None:
+        if self.form_timer is not None:
+            self.form_timer.cancel()
+
+    def eof_received(self) -> None:
+        self.stop_form_timer()  # the parser is told the request ended: nothing is handed on after it
+        super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_form_timer()
+        super().connection_lost(exc)
+
+
 @contextlib.asynccontextmanager
 async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Server]:
-    """The WebSocket server Twilio connects to, with the limits a phone call needs."""
-    async with serve(
-        relay.handle,
-        host,
-        port,
-        process_request=relay.process_request,
-        compression=None,  # base64 audio barely compresses; deflate only costs CPU
-        close_timeout=CLOSE_TIMEOUT,
-        max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009
-    ) as server:
+    """The WebSocket server Twilio connects to, with the limits a phone call needs.
+
+    A HOST that does not resolve, or a PORT another program holds, is a ConfigError.
+    """
+    try:
+        server = await serve(
+            relay.handle,
+            host,
+            port,
+            process_request=relay.process_request,
+            create_connection=WebhookConnection,  # reads Twilio's POST webhook, see there
+            compression=None,  # base64 audio barely compresses; deflate only costs CPU
+            close_timeout=CLOSE_TIMEOUT,
+            max_size=MAX_FRAME_BYTES,  # a larger frame closes that call with 1009
+        )
+    except OSError as error:
+        raise ConfigError(cannot_listen(host, port, error)) from None
+    async with server:
         warming = asyncio.create_task(relay.warm.keep_ready()) if relay.config.warm_sessions else None
         try:
             yield server
@@ -2325,6 +2535,16 @@ async def serve_calls(relay: Relay, host: str, port: int) -> AsyncIterator[Serve
                 warming.cancel()
                 await asyncio.gather(warming, return_exceptions=True)
                 await relay.warm.close()
+
+
+def cannot_listen(host: str, port: int, error: OSError) -> str:
+    """Why the relay cannot listen, as a setting to change."""
+    if isinstance(error, socket.gaierror):
+        return (f"HOST {host!r} is not an address of this machine ({error.strerror}): set HOST=0.0.0.0 to "
+                "listen on every interface, or 127.0.0.1 for this machine only")
+    if error.errno == errno.EADDRINUSE:
+        return f"PORT {port} is in use by another program: stop that program, or set PORT to a free port"
+    return f"cannot listen on HOST {host!r}, PORT {port}: {error.strerror or error}; check both settings"
 
 
 # 6. Start-up and shutdown ----------------------------------------------------------
@@ -2394,6 +2614,35 @@ def exit_now(signum: int) -> None:
     os._exit(1)
 
 
+def tool_names(tools: list[dict[str, Any]]) -> list[str]:
+    """What start-up names the offered tools by: a function's name, an MCP server's label."""
+    return [tool["name"] if "name" in tool else f"{tool['server_label']} (MCP server)" for tool in tools]
+
+
+def say_what_to_do_next(config: Config, port: int) -> None:
+    """The start-up lines: where the relay listens, what to give Twilio, what the agent is.
+
+    Plus a warning when nothing checks that calls come from Twilio.
+    """
+    if not config.twilio_auth_token:
+        logger.warning(
+            "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
+            "your OpenAI account. Set it to check Twilio's signature on every call."
+        )
+    local_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
+    logger.info("relay listening on port %d: health check http://%s:%d/health",
+                port, f"[{local_host}]" if ":" in local_host else local_host, port)
+    if config.public_url:
+        logger.info("Twilio: set your number's \"A call comes in\" webhook to %s/twiml (GET or POST); "
+                    "calls then stream to %s", config.public_url, media_stream_url(config.public_url))
+    else:
+        logger.info("Twilio: set your number's \"A call comes in\" webhook to https://<public address>/twiml "
+                    "(GET or POST), where <public address> reaches port %d (e.g. ngrok http %d); calls then "
+                    "stream to wss://<public address>/media-stream. Set PUBLIC_URL to see it here", port, port)
+    tools = ", ".join(tool_names(offered_tools(config))) or "none"
+    logger.info("agent: model %s, voice %s, tools: %s", config.openai_model, config.voice, tools)
+
+
 async def main() -> None:
     load_dotenv()
     try:
@@ -2416,19 +2665,13 @@ async def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
 
-    if not config.twilio_auth_token:
-        logger.warning(
-            "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
-            "your OpenAI account. Set it to check Twilio's signature on every call."
-        )
-    async with serve_calls(relay, config.host, config.port) as server:
-        port = server.sockets[0].getsockname()[1]
-        logger.info(
-            "relay listening on port %d: WebSocket ws://%s:%d/media-stream, health http://%s:%d/health",
-            port, config.host, port, config.host, port,
-        )
-        await stop.wait()
-        await drain(relay)
+    try:
+        async with serve_calls(relay, config.host, config.port) as server:
+            say_what_to_do_next(config, server.sockets[0].getsockname()[1])
+            await stop.wait()
+            await drain(relay)
+    except ConfigError as error:  # only the binding raises it: nothing has been served yet
+        sys.exit(f"relay: configuration error: {error}")
     stats = relay.stats
     logger.info(
         "stopped: %d call(s) served, %d error(s), up %.0f s",
@@ -2466,16 +2709,19 @@ def place_call(to: str, greeting: str | None, instructions: str | None, params: 
                            if value is not None})
     except ConfigError as error:
         sys.exit(f"relay: {error}")
-    stream_url = public_url.replace("http", "ws", 1) + "/media-stream"
     twiml = (
-        f"<Response>{connect_stream(stream_url, parameters)}"
+        f"<Response>{connect_stream(media_stream_url(public_url), parameters)}"
         f"<Say>{xml.sax.saxutils.escape(CUT_OFF_MESSAGE)}</Say><Hangup/></Response>"
     )
     try:
         reply = twilio_post(account, "Calls.json", {"To": to, "From": caller_id, "Twiml": twiml})
     except TwilioError as error:
         sys.exit(f"relay: Twilio did not place the call: {error}")
-    sys.stdout.write(f"{reply.get('sid')}\n")
+    sid = reply.get("sid")
+    if not isinstance(sid, str) or not sid:
+        sys.exit("relay: Twilio's answer has no Call SID, so the call may not have been placed: "
+                 "check the call log in the Twilio console (and TWILIO_API_BASE_URL)")
+    sys.stdout.write(f"{sid}\n")
 
 
 def command_line(argv: list[str]) -> None:

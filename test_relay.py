@@ -29,6 +29,7 @@ import os
 import random
 import re
 import signal
+import socket
 import struct
 import sys
 import time
@@ -575,7 +576,7 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"MCP_SERVER_URL": "https://"}, "MCP_SERVER_URL"),
         ({"MCP_SERVER_LABEL": "my tools"}, "MCP_SERVER_LABEL"),
         ({"MCP_ALLOWED_TOOLS": "lookup, two words"}, "MCP_ALLOWED_TOOLS"),
-        ({"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID must be AC followed by 32"),
+        ({"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "0" * 32}, "TWILIO_ACCOUNT_SID must be AC followed by 32"),
         ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_API_KEY": "SKnope", "TWILIO_API_SECRET": "s"},
          "TWILIO_API_KEY must be SK followed by 32"),
         ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_API_KEY": "SK" + "0" * 32}, "go together"),
@@ -584,13 +585,51 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"TWILIO_API_BASE_URL": "api.twilio.com"}, "TWILIO_API_BASE_URL"),
         ({"TRANSFER_TO": "+15551234567"}, "TRANSFER_TO needs Twilio's REST API"),
         ({"RECORD_CALLS": "on"}, "RECORD_CALLS needs Twilio's REST API"),
-        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "t", "TRANSFER_TO": "555-1234"},
+        ({"TWILIO_ACCOUNT_SID": "AC" + "0" * 32, "TWILIO_AUTH_TOKEN": "0" * 32, "TRANSFER_TO": "555-1234"},
          "TRANSFER_TO must be an E.164 number"),
+        # The mistakes of a first try (issue 15): each one refused with what to do.
+        ({"OPENAI_API_KEY": "sk-your-key-here"}, "OPENAI_API_KEY is still sk-your-key-here, the example from .env"),
+        ({"PUBLIC_URL": "http://relay.example.com"}, r"PUBLIC_URL must be an https:// URL \(plain http:// only"),
+        ({"PUBLIC_URL": "ws://relay.example.com"}, "PUBLIC_URL must be an https:// URL"),
+        ({"PUBLIC_URL": "https://relay.example.com?x=1"}, "PUBLIC_URL must be the relay's address without a query"),
+        ({"TWILIO_API_BASE_URL": "http://api.twilio.com"}, "TWILIO_API_BASE_URL must be an https:// URL"),
+        ({"OPENAI_BASE_URL": "http://api.openai.com/v1"}, "OPENAI_BASE_URL must be an https:// URL"),
+        ({"MCP_SERVER_URL": "http://127.0.0.1:9/mcp"}, "MCP_SERVER_URL must be an https:// URL that OpenAI can reach"),
+        ({"TWILIO_AUTH_TOKEN": "x"}, r"TWILIO_AUTH_TOKEN must be the 32 hex digits .* \(1 characters\)"),
+        ({"TWILIO_AUTH_TOKEN": "g" * 32}, "TWILIO_AUTH_TOKEN must be the 32 hex digits"),
+        ({"PORT": "80.5"}, "PORT must be a whole number, got '80.5'"),
+        ({"MAX_CALLS": "2.5"}, "MAX_CALLS must be a whole number"),
+        ({"WARM_SESSIONS": "1.5"}, "WARM_SESSIONS must be a whole number"),
+        ({"VAD_PREFIX_PADDING_MS": "300.7"}, "VAD_PREFIX_PADDING_MS must be a whole number"),
+        ({"VAD_SILENCE_DURATION_MS": "0.5"}, "VAD_SILENCE_DURATION_MS must be a whole number"),
+        ({"OPENAI_BASE_URL": "https://exa mple.com"}, "OPENAI_BASE_URL must be a URL like https://api.openai.com/v1, "
+                                                      "without spaces"),
+        ({"PUBLIC_URL": "https://relay.example.com/my path"}, "PUBLIC_URL must be a URL like"),
+        ({"TWILIO_API_BASE_URL": "https://[api.twilio.com"}, "TWILIO_API_BASE_URL must be a URL like"),
+        ({"OPENAI_MODEL": "gpt 4"}, "OPENAI_MODEL must be a model name without spaces"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], complaint: str) -> None:
     with pytest.raises(relay.ConfigError, match=complaint):
         relay.load_config({"OPENAI_API_KEY": API_KEY, **env})
+
+
+def test_loopback_urls_may_be_plain_http_and_whole_numbers_may_be_written_as_such() -> None:
+    """The tests and local trials talk to this machine over plain http; nothing else may."""
+    for host in ("127.0.0.1", "127.1.2.3", "localhost", "[::1]"):
+        config = relay.load_config({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": f"http://{host}:9/v1",
+                                    "PUBLIC_URL": f"http://{host}:8080", "PORT": "8080.0", "MAX_CALLS": "2"})
+        assert config.openai_url == f"ws://{host}:9/v1/realtime?model=gpt-realtime-2.1"
+        assert config.public_url == f"http://{host}:8080"
+        assert (config.port, config.max_calls) == (8080, 2)
+    assert relay.load_config({"OPENAI_API_KEY": API_KEY, "TWILIO_AUTH_TOKEN": "AB" * 16}).twilio_auth_token == "AB" * 16
+
+
+def test_a_wrong_auth_token_is_never_echoed() -> None:
+    secret = "my-real-secret-pasted-in-the-wrong-place"
+    with pytest.raises(relay.ConfigError) as refused:
+        relay.load_config({"OPENAI_API_KEY": API_KEY, "TWILIO_AUTH_TOKEN": secret})
+    assert secret not in str(refused.value)
 
 
 def test_every_setting_is_documented() -> None:
@@ -614,23 +653,73 @@ def start_relay_process(env: dict[str, str]) -> Awaitable[asyncio.subprocess.Pro
     )
 
 
+START_UP_TOKEN = "c0ffee00" * 4
+
+
 @pytest.mark.parametrize(
     ("env", "complaint"),
     [
         ({"OPENAI_API_KEY": ""}, b"OPENAI_API_KEY is not set"),
         ({"OPENAI_API_KEY": API_KEY, "VOICE": "robot"}, b"VOICE must be one of alloy, ash"),
-        ({"OPENAI_API_KEY": API_KEY, "TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": "secret-token"},
+        ({"OPENAI_API_KEY": API_KEY, "TWILIO_ACCOUNT_SID": "ACnope", "TWILIO_AUTH_TOKEN": START_UP_TOKEN},
          b"TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits"),
+        ({"OPENAI_API_KEY": "sk-your-key-here"}, b"OPENAI_API_KEY is still sk-your-key-here"),
+        # Found only when the relay binds its socket:
+        ({"OPENAI_API_KEY": API_KEY, "HOST": "relay.invalid"},
+         b"HOST 'relay.invalid' is not an address of this machine"),
+        ({"OPENAI_API_KEY": API_KEY, "PORT": "{busy_port}"}, b"is in use by another program: stop that program, or"),
     ],
 )
 def test_start_up_refuses_bad_configuration(env: dict[str, str], complaint: bytes) -> None:
     async def scenario() -> None:
-        process = await start_relay_process(env)
-        _, stderr = await process.communicate()
+        with socket.create_server(("127.0.0.1", 0)) as busy:
+            busy_port = str(busy.getsockname()[1])  # held until the relay has tried it
+            process = await start_relay_process({name: value.format(busy_port=busy_port) for name, value in env.items()})
+            _, stderr = await process.communicate()
         assert process.returncode == 1
         assert complaint in stderr
         assert len(stderr.strip().splitlines()) == 1  # one clear line, no traceback
-        assert API_KEY.encode() not in stderr and b"secret-token" not in stderr
+        assert API_KEY.encode() not in stderr and START_UP_TOKEN.encode() not in stderr
+
+    run(scenario)
+
+
+async def start_up_lines(env: dict[str, str]) -> list[str]:
+    """What ``python relay.py`` logs at start-up, up to the agent's line, as "LEVEL message"; then it stops."""
+    process = await start_relay_process({"OPENAI_API_KEY": API_KEY, **env})
+    assert process.stderr is not None
+    lines: list[str] = []
+    while not lines or not lines[-1].startswith("INFO agent:"):
+        line = (await process.stderr.readline()).decode()
+        assert line, f"relay exited at start-up after {lines}"
+        _, level, _, message = line.rstrip("\n").split(" ", 3)
+        lines.append(f"{level} {message}")
+    process.terminate()
+    await process.communicate()
+    return lines
+
+
+def test_start_up_says_what_to_give_twilio_and_what_the_agent_is() -> None:
+    async def scenario() -> None:
+        public = {"PUBLIC_URL": "https://relay.example.com", "TWILIO_AUTH_TOKEN": START_UP_TOKEN,
+                  "VOICE": "coral", "OPENAI_MODEL": "my-realtime-model", "MCP_SERVER_URL": "https://mcp.example.com/mcp",
+                  "MCP_SERVER_LABEL": "shop"}
+        listening, webhook, agent = await start_up_lines(public)
+        assert re.fullmatch(r"INFO relay listening on port \d+: health check http://127\.0\.0\.1:\d+/health", listening)
+        assert webhook == ('INFO Twilio: set your number\'s "A call comes in" webhook to https://relay.example.com/twiml'
+                           " (GET or POST); calls then stream to wss://relay.example.com/media-stream")
+        offered = ", ".join(relay.tool_names(relay.offered_tools(relay.load_config({"OPENAI_API_KEY": API_KEY, **public}))))
+        assert "end_call" in offered and offered.endswith("shop (MCP server)")
+        assert agent == f"INFO agent: model my-realtime-model, voice coral, tools: {offered}"
+
+        warning, listening, webhook, agent = await start_up_lines({"HOST": "0.0.0.0", "END_CALL_TOOL": "off"})
+        assert warning.startswith("WARNING TWILIO_AUTH_TOKEN is not set")
+        port = listening.split("port ")[1].split(":")[0]
+        assert listening.endswith(f"health check http://localhost:{port}/health")
+        assert f"webhook to https://<public address>/twiml (GET or POST), where <public address> reaches port {port}" \
+            in webhook and "Set PUBLIC_URL to see it here" in webhook
+        assert agent.startswith("INFO agent: model gpt-realtime-2.1, voice alloy, tools: ")
+        assert "end_call" not in agent
 
     run(scenario)
 
@@ -1327,7 +1416,7 @@ def test_transcripts_are_logged_only_when_asked(on: bool, caplog: pytest.LogCapt
 
 # Production hardening: signatures, TwiML, limits, metrics, hostile input ---------------------------
 
-AUTH_TOKEN = "twilio-auth-token-for-tests"
+AUTH_TOKEN = "7e57" * 8  # the form of a real one: 32 hex digits
 
 
 def twilio_signature(url: str, token: str = AUTH_TOKEN) -> str:
@@ -2138,6 +2227,139 @@ def test_twiml_passes_the_caller_and_the_number_dialled_as_parameters() -> None:
     run(scenario)
 
 
+# What Twilio's console sends a number's webhook by default: a POST, its form signed with the URL.
+WEBHOOK_FORM = [("AccountSid", "AC" + "0" * 32), ("AnsweredBy", "human"), ("CallSid", "CA" + "ab" * 16),
+                ("CallStatus", "ringing"), ("Caller", "+15550001111"), ("FromCity", ""), ("From", "+15550001111"),
+                ("To", "+15559998888"), ("Direction", "outbound-api")]
+
+
+def post_signature(url: str, form: list[tuple[str, str]]) -> str:
+    """Twilio's signature of a POST: the URL, then each field's name and value, sorted by name."""
+    return twilio_signature(url + "".join(name + value for name, value in sorted(form)))
+
+
+async def exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Write one request exactly as given and read the whole answer: status, headers, body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer, "an empty reply"
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *lines = head.decode().split("\r\n")
+    return int(status_line.split()[1]), {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines)}, body
+
+
+def post_request(path: str, body: str, headers: dict[str, str]) -> bytes:
+    fields = {"Host": "relay.example.com", "Content-Type": "application/x-www-form-urlencoded",
+              "Content-Length": str(len(body.encode())), **headers}
+    return (f"POST {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+            + body).encode()
+
+
+def test_twiml_answers_twilios_post_webhook_and_checks_its_signature(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        body = urllib.parse.urlencode(WEBHOOK_FORM)
+        async with FakeOpenAI().running() as fake, running_relay(fake, TWILIO_AUTH_TOKEN=AUTH_TOKEN) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            proxied = {"X-Forwarded-Proto": "https"}
+            signed = post_signature("https://relay.example.com/twiml?tenant=7", WEBHOOK_FORM)
+            status, fields, answer = await exchange(port, post_request(
+                "/twiml?tenant=7", body, {**proxied, "X-Twilio-Signature": signed}))
+            assert status == 200 and fields["content-type"] == "text/xml"
+            stream = ElementTree.fromstring(answer).find("Connect/Stream")
+            assert stream.get("url") == "wss://relay.example.com/media-stream"
+            assert [(p.get("name"), p.get("value")) for p in stream.findall("Parameter")] == [
+                ("from", "+15550001111"), ("to", "+15559998888"), ("answered_by", "human")]
+            with_port = post_signature("https://relay.example.com:443/twiml", WEBHOOK_FORM)
+            assert (await exchange(port, post_request("/twiml", body, {**proxied, "X-Twilio-Signature": with_port})))[0] == 200
+            tampered = body.replace("human", "machine_start")
+            for headers, sent in (({}, body),  # unsigned
+                                  ({"X-Twilio-Signature": twilio_signature("https://relay.example.com/twiml")}, body),
+                                  ({"X-Twilio-Signature": with_port}, tampered)):
+                status, _, answer = await exchange(port, post_request("/twiml", sent, {**proxied, **headers}))
+                assert (status, answer) == (403, b"Invalid Twilio signature.\n")
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="signature"}'] == 3
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            status, _, answer = await exchange(the_relay.port, post_request("/twiml", body, {}))  # type: ignore[attr-defined]
+            assert status == 200  # no TWILIO_AUTH_TOKEN: nothing to check
+            assert ElementTree.fromstring(answer).find("Connect/Stream").get("url") == "ws://relay.example.com/media-stream"
+        assert not fake.sessions
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines.count(f"TwiML for call CA{'ab' * 16} (POST /twiml)") == 3
+    assert not any("+1555" in line for line in lines)  # the numbers are personal data
+
+
+def test_other_methods_and_posts_elsewhere_get_405_and_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            for method, path, body, allowed in (("PUT", "/twiml", "From=%2B1555", "GET, POST"),
+                                                ("DELETE", "/health", "x" * 100_000, "GET, HEAD"),
+                                                ("OPTIONS", "/media-stream", "", "GET, HEAD")):
+                length = f"Content-Length: {len(body)}\r\n" if body else ""
+                request = f"{method} {path} HTTP/1.1\r\nHost: relay.example.com\r\n{length}\r\n{body}".encode()
+                status, fields, answer = await exchange(port, request)
+                assert (status, fields["allow"]) == (405, allowed)
+                assert answer == b"Only GET here; POST is for /twiml, Twilio's webhook.\n"
+            for path in ("/media-stream", "/health"):
+                status, fields, _ = await exchange(port, post_request(path, "From=%2B15550001111", {}))
+                assert (status, fields["allow"]) == (405, "GET, HEAD")
+            assert (await health(the_relay))["status"] == "healthy"  # GET and HEAD still work
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="method"}'] == 5
+            assert not fake.sessions
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    refusals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused")]
+    assert len(refusals) == 5
+    assert refusals[0] == "refused PUT /twiml from 127.0.0.1: Only GET here; POST is for /twiml, Twilio's webhook."
+
+
+def test_a_post_that_is_too_large_slow_or_not_a_form_gets_a_clear_status(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "FORM_TIMEOUT", 0.2)
+
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            big = "Note=" + "x" * relay.MAX_FORM_BYTES
+            at_the_cap = "Note=" + "x" * (relay.MAX_FORM_BYTES - 5)
+            chunked = post_request("/twiml", "", {"Transfer-Encoding": "chunked"}).replace(b"Content-Length: 0\r\n", b"")
+            unsized = post_request("/twiml", "", {}).replace(b"Content-Length: 0\r\n", b"")
+            cases = [
+                (post_request("/twiml", at_the_cap, {}), 200, b"<Response>"),
+                (post_request("/twiml", big, {}), 413, f"The form is larger than {relay.MAX_FORM_BYTES} bytes.".encode()),
+                (post_request("/twiml", "From=%2B1555", {"Content-Length": "100"}), 408, b"The form came too slowly."),
+                (chunked, 411, b"A POST here needs a Content-Length"),
+                (unsized, 411, b"A POST here needs a Content-Length"),
+                (post_request("/twiml", "From=%2B1555", {"Content-Length": "3, 4"}), 411, b"needs a Content-Length"),
+                (post_request("/twiml", '{"From": "+1555"}', {"Content-Type": "application/json"}), 415,
+                 b"POST /twiml takes a form"),
+                (post_request("/twiml", "", {"X-Long": "y" * 9000}), 431, b"Failed to open a WebSocket connection"),
+            ]
+            for request, wanted, words in cases:
+                status, _, answer = await exchange(port, request)
+                assert status == wanted and words in answer, (request[:60], status, answer)
+            # A POST whose form comes in pieces, the head split mid-line, is read in full.
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            request = post_request("/twiml", urllib.parse.urlencode(WEBHOOK_FORM), {})
+            for piece in (request[:3], request[3:40], request[40:-30], request[-30:]):
+                writer.write(piece)
+                await writer.drain()
+                await asyncio.sleep(0.01)
+            answer = await reader.read()
+            writer.close()
+            assert answer.startswith(b"HTTP/1.1 200 OK") and b'<Parameter name="answered_by" value="human" />' in answer
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="form"}'] == 6
+            assert not fake.sessions
+
+    run(scenario)
+
+
 # Call control through Twilio's REST API ---------------------------------------------------------
 
 ACCOUNT_SID = "AC" + "a1" * 16
@@ -2453,6 +2675,8 @@ CALL_COMMAND_ERRORS = {
     "bad caller id": ({"TWILIO_PHONE_NUMBER": "12"}, "+15553334444", "TWILIO_PHONE_NUMBER must be a phone number"),
     "refused": ({"TWILIO_API_SECRET": "wrong-secret"}, "+15553334444",
                 "Twilio did not place the call: HTTP 401, Twilio error 20003: Authenticate"),
+    "no sid": ({}, "+15553334444", "Twilio's answer has no Call SID, so the call may not have been placed"),
+    "bad auth token": ({"TWILIO_AUTH_TOKEN": "secret"}, "+15553334444", "TWILIO_AUTH_TOKEN must be the 32 hex"),
 }
 
 
@@ -2466,6 +2690,8 @@ def test_relay_py_call_says_what_is_wrong_in_one_line(case: str) -> None:
                    **override}
             if not env["TWILIO_ACCOUNT_SID"]:
                 del env["TWILIO_API_KEY"], env["TWILIO_API_SECRET"]
+            if case == "no sid":
+                rest.failure = (201, {"status": "queued"})  # a success, yet no sid
             process = await run_call_command([number], env)
             stdout, stderr = await process.communicate()
             assert process.returncode != 0 and stdout == b""
