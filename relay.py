@@ -2619,11 +2619,12 @@ def tool_names(tools: list[dict[str, Any]]) -> list[str]:
     return [tool["name"] if "name" in tool else f"{tool['server_label']} (MCP server)" for tool in tools]
 
 
-def say_what_to_do_next(config: Config, port: int) -> None:
+def say_what_to_do_next(relay: Relay, port: int) -> None:
     """The start-up lines: where the relay listens, what to give Twilio, what the agent is.
 
     Plus a warning when nothing checks that calls come from Twilio.
     """
+    config = relay.config
     if not config.twilio_auth_token:
         logger.warning(
             "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
@@ -2639,7 +2640,7 @@ def say_what_to_do_next(config: Config, port: int) -> None:
         logger.info("Twilio: set your number's \"A call comes in\" webhook to https://<public address>/twiml "
                     "(GET or POST), where <public address> reaches port %d (e.g. ngrok http %d); calls then "
                     "stream to wss://<public address>/media-stream. Set PUBLIC_URL to see it here", port, port)
-    tools = ", ".join(tool_names(offered_tools(config))) or "none"
+    tools = ", ".join(tool_names(offered_tools(config, relay.tools))) or "none"
     logger.info("agent: model %s, voice %s, tools: %s", config.openai_model, config.voice, tools)
 
 
@@ -2667,7 +2668,7 @@ async def main() -> None:
 
     try:
         async with serve_calls(relay, config.host, config.port) as server:
-            say_what_to_do_next(config, server.sockets[0].getsockname()[1])
+            say_what_to_do_next(relay, server.sockets[0].getsockname()[1])
             await stop.wait()
             await drain(relay)
     except ConfigError as error:  # only the binding raises it: nothing has been served yet

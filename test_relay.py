@@ -708,7 +708,7 @@ def test_start_up_says_what_to_give_twilio_and_what_the_agent_is() -> None:
         assert re.fullmatch(r"INFO relay listening on port \d+: health check http://127\.0\.0\.1:\d+/health", listening)
         assert webhook == ('INFO Twilio: set your number\'s "A call comes in" webhook to https://relay.example.com/twiml'
                            " (GET or POST); calls then stream to wss://relay.example.com/media-stream")
-        offered = ", ".join(relay.tool_names(relay.offered_tools(relay.load_config({"OPENAI_API_KEY": API_KEY, **public}))))
+        offered = ", ".join(relay.tool_names(relay.offered_tools(relay.load_config({"OPENAI_API_KEY": API_KEY, **public}), relay.TOOLS)))
         assert "end_call" in offered and offered.endswith("shop (MCP server)")
         assert agent == f"INFO agent: model my-realtime-model, voice coral, tools: {offered}"
 
