@@ -82,6 +82,31 @@ TRANSFER_INSTRUCTIONS = (
 # What the caller hears if the person does not answer, or after they hang up first.
 AFTER_TRANSFER_MESSAGE = "The call could not be connected, or it has ended. Please call again if you need us. Goodbye."
 
+# What the relay asks the agent to say when the call needs it; each is one response's instructions.
+TIME_LIMIT_GOODBYE = (
+    "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
+)
+# When the caller has said nothing for IDLE_SECONDS, after the agent's last words were heard.
+IDLE_CHECK_IN = (
+    "The caller has said nothing for a while. In the language of the conversation, ask in a few "
+    "words whether they are still there."
+)
+IDLE_GOODBYE = (
+    "The caller has still said nothing. In the language of the conversation, say in one short sentence "
+    "that you will hang up now, and say goodbye."
+)
+# When a tool is still running TOOL_FILLER_SECONDS after the caller heard the agent's last words.
+TOOL_FILLER = (
+    "The tool you called is still working. In the language of the conversation, tell the caller in one "
+    "short sentence that you are still on it. Do not guess its result or say anything you do not know."
+)
+# On a new OpenAI session (SESSION_CONTINUITY), if the agent owed an answer.
+PICK_UP_AFTER_DROP = (
+    "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
+    "words, then pick up where the conversation left off."
+)
+CARRY_ON_AFTER_ROLLOVER = "Carry on the conversation where it left off, as if nothing had happened."
+
 
 @dataclasses.dataclass(frozen=True)
 class Tool:
@@ -154,17 +179,13 @@ async def transfer_call(call: Call, reason: str = "") -> dict[str, Any]:
 
 # 2. Configuration ------------------------------------------------------------
 
+# Each list of choices starts with its default.
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
+TURN_DETECTIONS = ("server_vad", "semantic_vad")
+EAGERNESSES = ("auto", "low", "medium", "high")  # auto, the default, is medium
+NOISE_REDUCTIONS = ("near_field", "far_field", "off")
+SERVER_VAD_SETTINGS = ("VAD_THRESHOLD", "VAD_PREFIX_PADDING_MS", "VAD_SILENCE_DURATION_MS")
 
-TIME_LIMIT_GOODBYE = (
-    "The call has reached its time limit. Tell the caller so in one short sentence and say goodbye."
-)
-# What the agent is asked to say on a new OpenAI session (SESSION_CONTINUITY), if it owed an answer.
-PICK_UP_AFTER_DROP = (
-    "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
-    "words, then pick up where the conversation left off."
-)
-CARRY_ON_AFTER_ROLLOVER = "Carry on the conversation where it left off, as if nothing had happened."
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # for SESSION_CONTINUITY and LOG_TRANSCRIPTS
 # What the caller hears when the stream ends, before the call hangs up (see /twiml). With REST
 # call control the relay hangs up through Twilio, so only an abnormal end gets here.
@@ -229,9 +250,15 @@ class Config:
     port: int = 8080
     voice: str = "alloy"
     instructions: str = DEFAULT_INSTRUCTIONS
+    turn_detection: str = "server_vad"
     vad_threshold: float = 0.5
     vad_prefix_padding_ms: int = 300
     vad_silence_duration_ms: int = 500
+    vad_eagerness: str = "auto"
+    noise_reduction: str = "near_field"
+    idle_seconds: float = 10.0
+    idle_prompts: int = 2
+    tool_filler_seconds: float = 3.0
     log_level: str = "INFO"
     drain_seconds: float = 10.0
     openai_connect_timeout: float = 10.0
@@ -255,6 +282,7 @@ class Config:
     session_continuity: bool = True
     reconnect_seconds: float = 5.0
     session_rollover_seconds: float = 3420.0
+    warnings: tuple[str, ...] = ()  # settings that are allowed but may not do what was meant
 
     def __repr__(self) -> str:
         """Keep the secrets out of any log line or traceback that shows the config."""
@@ -343,6 +371,26 @@ def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be on or off (true/false, 1/0), got {raw!r}")
 
 
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """One of a few words, the first being the default; case does not matter."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return choices[0]
+    if raw.lower() not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
+    return raw.lower()
+
+
+def _turn_detection_warnings(env: Mapping[str, str], turn_detection: str) -> tuple[str, ...]:
+    """Turn detection settings that the chosen kind of turn detection ignores."""
+    ignored = [name for name in SERVER_VAD_SETTINGS if env.get(name, "").strip()]
+    if turn_detection == "semantic_vad" and ignored:
+        return (f"TURN_DETECTION=semantic_vad ignores {', '.join(ignored)} (settings of server_vad)",)
+    if turn_detection == "server_vad" and env.get("VAD_EAGERNESS", "").strip():
+        return ("TURN_DETECTION=server_vad ignores VAD_EAGERNESS (a setting of semantic_vad)",)
+    return ()
+
+
 def _mcp_server_url(raw: str) -> str:
     """An MCP server OpenAI can reach: a public https URL (never this machine), or empty for none."""
     if raw and _url("MCP_SERVER_URL", raw, "https://mcp.example.com/mcp").scheme != "https":
@@ -417,9 +465,7 @@ def load_config(env: Mapping[str, str]) -> Config:
             f"OPENAI_API_KEY is still {PLACEHOLDER_API_KEY}, the example from .env.example: "
             "replace it in .env with your own key (https://platform.openai.com/api-keys)"
         )
-    voice = env.get("VOICE", "").strip() or "alloy"
-    if voice not in VOICES:
-        raise ConfigError(f"VOICE must be one of {', '.join(VOICES)}; got {voice!r}")
+    voice = _choice(env, "VOICE", VOICES)
     log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
     if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {log_level!r}")
@@ -444,6 +490,7 @@ def load_config(env: Mapping[str, str]) -> Config:
     if max_call_seconds > 3600 and not session_continuity:
         raise ConfigError("MAX_CALL_SECONDS above 3600 needs SESSION_CONTINUITY=on: "
                           "OpenAI ends every session after 60 minutes")
+    turn_detection = _choice(env, "TURN_DETECTION", TURN_DETECTIONS)
     mcp_label = env.get("MCP_SERVER_LABEL", "").strip() or "tools"
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mcp_label):
         raise ConfigError(f"MCP_SERVER_LABEL must be letters, digits, _ or - (at most 64), got {mcp_label!r}")
@@ -455,9 +502,15 @@ def load_config(env: Mapping[str, str]) -> Config:
         port=_whole_number(env, "PORT", 8080, 0, 65535),
         voice=voice,
         instructions=instructions,
+        turn_detection=turn_detection,
         vad_threshold=_number(env, "VAD_THRESHOLD", 0.5, 0.0, 1.0),
         vad_prefix_padding_ms=_whole_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000),
         vad_silence_duration_ms=_whole_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000),
+        vad_eagerness=_choice(env, "VAD_EAGERNESS", EAGERNESSES),
+        noise_reduction=_choice(env, "NOISE_REDUCTION", NOISE_REDUCTIONS),
+        idle_seconds=_number(env, "IDLE_SECONDS", 10, 0, 600),
+        idle_prompts=_whole_number(env, "IDLE_PROMPTS", 2, 0, 10),
+        tool_filler_seconds=_number(env, "TOOL_FILLER_SECONDS", 3, 0, 60),
         log_level=log_level,
         drain_seconds=_number(env, "DRAIN_SECONDS", 10, 0, 3600),
         openai_connect_timeout=_number(env, "OPENAI_CONNECT_TIMEOUT", 10, 0.1, 120),
@@ -482,6 +535,7 @@ def load_config(env: Mapping[str, str]) -> Config:
         session_continuity=session_continuity,
         reconnect_seconds=_number(env, "RECONNECT_SECONDS", 5, 0.5, 60),
         session_rollover_seconds=_number(env, "SESSION_ROLLOVER_SECONDS", 3420, 1, 3500),
+        warnings=_turn_detection_warnings(env, turn_detection),
     )
 
 
@@ -535,23 +589,29 @@ def offered_tools(config: Config, tools: Mapping[str, Tool]) -> list[dict[str, A
     return offered
 
 
+def turn_detection(config: Config) -> dict[str, Any]:
+    """How OpenAI tells that the caller has finished: by silence (server_vad), or by meaning."""
+    if config.turn_detection == "semantic_vad":
+        detection: dict[str, Any] = {"type": "semantic_vad", "eagerness": config.vad_eagerness}
+    else:
+        detection = {"type": "server_vad", "threshold": config.vad_threshold,
+                     "prefix_padding_ms": config.vad_prefix_padding_ms,
+                     "silence_duration_ms": config.vad_silence_duration_ms}
+    # The server cancels the agent's answer when the caller speaks, so the relay never
+    # sends response.cancel itself; it only clears the phone.
+    return {**detection, "create_response": True, "interrupt_response": True}
+
+
 def session_update(config: Config, persona: Persona, tools: Mapping[str, Tool], event_id: str) -> dict[str, Any]:
     """The GA ``session.update``: mu-law both ways, server-side turn detection, the tools.
 
     ``event_id`` lets an ``error`` caused by this update be told apart (see Call.on_openai_error).
+    Every update says everything, so a session never keeps a setting from an earlier one.
     """
     audio_input: dict[str, Any] = {
         "format": {"type": "audio/pcmu"},
-        "turn_detection": {
-            "type": "server_vad",
-            "threshold": config.vad_threshold,
-            "prefix_padding_ms": config.vad_prefix_padding_ms,
-            "silence_duration_ms": config.vad_silence_duration_ms,
-            # The server cancels the agent's answer when the caller speaks, so the
-            # relay never sends response.cancel itself; it only clears the phone.
-            "create_response": True,
-            "interrupt_response": True,
-        },
+        "turn_detection": turn_detection(config),
+        "noise_reduction": None if config.noise_reduction == "off" else {"type": config.noise_reduction},
     }
     if config.log_transcripts or config.session_continuity:  # continuity keeps the caller's words
         audio_input["transcription"] = {"model": TRANSCRIPTION_MODEL}
@@ -800,6 +860,7 @@ def masked(target: str) -> str:
 #   Transcript  the conversation as text, for a new session to carry on
 #   OpenAILink  the OpenAI side: the current session, what waits for one, and redialling
 #   Continuity  what happens when a session ends: the call ends, or a new session takes over
+#   DeadAir     times the silences the agent fills: a caller who says nothing, a slow tool
 #   CallControl a hang-up or transfer once the last words have played; recording
 #   ToolRunner  the model's function calls, and what the remote MCP server did
 #   Call        the two pumps, handing each event to the part it belongs to
@@ -820,7 +881,8 @@ class End:
     """The floor's decision to end the call: hang up, or transfer to TRANSFER_TO."""
 
     kind: str  # "hang_up" or "transfer"
-    reason: str
+    reason: str  # for the log
+    cause: str  # one word, for /metrics: agent, time_limit, silence, session_expired or transfer
 
 
 Decision = dict[str, Any] | End | None  # a response.create to send, an ending to begin, or nothing
@@ -840,14 +902,20 @@ class Floor:
         responding   a response is running: one the relay asked for, or one server VAD began
         unconfirmed  items the relay added that OpenAI has not confirmed yet
         owed         the conversation gained something that no response has seen
-        tools        function calls still running
+        tools        function calls still running; ``filled`` once the wait was filled
         ending       a hang-up or transfer asked for; ``ended`` once it has begun
+        check_ins    times the agent asked a silent caller whether they are still there
 
     Its states, derived from those (``state``):
         ENDED        the hang-up or transfer has begun: nothing more is decided
         BUSY         a request in flight, a response running, or a tool running
         NO_SESSION   nothing going on, but no session to ask: only an ending may begin
         FREE         nothing going on: an ending begins if asked for, else an owed answer
+
+    Whose silence it is (``silence``), when nothing is said or asked and no ending waits:
+        "caller"     FREE with nothing owed: the caller's turn; after IDLE_SECONDS, a check-in
+        "tool"       a tool runs: after TOOL_FILLER_SECONDS, one line to fill the wait
+    The call times it from when the caller has heard the agent's last words.
 
     Events (each method that can decide returns the decision):
         new_item()          the relay adds an item: owed, and unconfirmed until confirmed()
@@ -857,8 +925,13 @@ class Floor:
         refused(id, code)   that request is over; what it covered is owed again, except when
                             a plain request was refused for its own sake (it would be again)
         tool_started(), tool_finished()   (the output that follows brings the decision)
-        end(kind, reason)   the ending waits for the floor to be free
-        end_now(kind, reason)  the ending begins whatever is going on
+        speech_started(), speech_stopped()   the caller speaks; they are there, see caller_is_there()
+        caller_is_there()   the caller spoke or pressed a key: check-ins start again, and a
+                            goodbye to a silent caller that has not ended the call yet is called off
+        silent(whose)       that silence lasted: a check-in, after IDLE_PROMPTS of them a goodbye
+                            then a hang-up, or a tool's filler line
+        end(kind, reason, cause)     the ending waits for the floor to be free
+        end_now(kind, reason, cause) the ending begins whatever is going on
         ending_failed()     Twilio refused a transfer: the call goes on
         lost(kept)          the session is gone with its items, request and response
         ready()             a session is up
@@ -867,15 +940,18 @@ class Floor:
         pick_up(line)       a new session's first request, sent before what was kept for it
     """
 
-    def __init__(self) -> None:
+    def __init__(self, idle_prompts: int) -> None:
+        self.idle_prompts = idle_prompts  # check-ins before a silent caller is said goodbye to
         self.session = False
         self.request: ResponseRequest | None = None
         self.responding = False
         self.unconfirmed: set[str] = set()
         self.owed = False
         self.tools = 0
+        self.filled = False
         self.ending: End | None = None
         self.ended = False
+        self.check_ins = 0
         self.greeted = False
         self.caller_speaking = False
         self.requests_sent = 0
@@ -898,6 +974,15 @@ class Floor:
     def quiet(self) -> bool:
         """Nobody speaks and nothing waits: a moment to move the call to a new session."""
         return self.state in ("FREE", "NO_SESSION") and not (self.owed or self.caller_speaking)
+
+    @property
+    def silence(self) -> str:
+        """Whose silence it is, if nothing is being said or asked: "caller", "tool", or ""."""
+        if self.ended or self.ending or not self.session or self.request or self.responding or self.caller_speaking:
+            return ""
+        if self.tools:
+            return "" if self.filled else "tool"
+        return "" if self.owed else "caller"
 
     def next(self) -> Decision:
         """What happens now: the one place where the call is ended or an answer asked for."""
@@ -977,15 +1062,40 @@ class Floor:
 
     def tool_finished(self) -> None:
         self.tools -= 1  # the decision comes with the output it brings: new_item(), then next()
+        self.filled = self.filled and self.tools > 0
 
-    def end(self, kind: str, reason: str) -> None:
+    def speech_started(self) -> None:
+        self.caller_speaking = True
+        self.caller_is_there()
+
+    def speech_stopped(self) -> None:
+        self.caller_speaking = False
+
+    def caller_is_there(self) -> None:
+        self.check_ins = 0
+        if self.ending is not None and self.ending.cause == "silence" and not self.ended:
+            self.ending = None
+
+    def silent(self, whose: str) -> Decision:
+        if not whose or whose != self.silence:
+            return None  # something happened meanwhile, and the call times the new silence
+        if whose == "tool":
+            self.filled = True
+            return self.ask(TOOL_FILLER)
+        if self.check_ins < self.idle_prompts:
+            self.check_ins += 1
+            return self.ask(IDLE_CHECK_IN)
+        self.end("hang_up", f"the caller said nothing after {self.check_ins} check-in(s)", "silence")
+        return self.ask(IDLE_GOODBYE)
+
+    def end(self, kind: str, reason: str, cause: str) -> None:
         if self.ending is None:
-            self.ending = End(kind, reason)
+            self.ending = End(kind, reason, cause)
 
-    def end_now(self, kind: str, reason: str) -> Decision:
+    def end_now(self, kind: str, reason: str, cause: str) -> Decision:
         if self.ended:
             return None
-        self.end(kind, reason)
+        self.end(kind, reason, cause)
         self.ended = True
         return self.ending
 
@@ -1069,15 +1179,17 @@ class Playback:
             del self.pending[next(iter(self.pending))]
         return name
 
-    def played(self, name: str) -> None:
-        """Twilio echoed a mark: playback reached it."""
+    def played(self, name: str) -> bool:
+        """Twilio echoed a mark: playback reached it. Return whether all that was sent is heard now."""
         mark = self.pending.pop(name, None)
         if mark is None:
-            return  # a late echo after a clear, or a mark we never sent
+            return False  # a late echo after a clear, or a mark we never sent
         self.heard_item, _, self.heard_bytes = mark
         self.heard_at = time.monotonic()
         if not self.pending and self.marked_bytes == self.item_bytes:
             self.drained.set()
+            return True
+        return False
 
     def interrupt(self) -> Interruption | None:
         """The caller spoke: mute the agent's current audio and say what was cut off, if anything."""
@@ -1551,6 +1663,55 @@ class Continuity:
         return True
 
 
+class DeadAir:
+    """Times the silence on the line; the floor decides what it means (see Floor.silence).
+
+    A silence begins when the caller has heard the agent's last words, as the marks
+    tell, and nothing else is going on; not at response.done, while the phone may still
+    be playing seconds of audio. Anything that happens on the line times it afresh.
+    """
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.timer: asyncio.TimerHandle | None = None
+
+    def restart(self) -> None:
+        """Something happened on the line: time the silence that follows it, if one does."""
+        self.stop()
+        call = self.call
+        if not (call.phone.started.is_set() and call.phone.playback.drained.is_set()):
+            return
+        whose = call.floor.silence
+        seconds = {"caller": call.config.idle_seconds, "tool": call.config.tool_filler_seconds}.get(whose)
+        if seconds:  # 0 turns it off
+            self.timer = asyncio.get_running_loop().call_later(seconds, lambda: call.spawn(self.fill(whose)))
+
+    async def fill(self, whose: str) -> None:
+        """The silence lasted: let the floor decide, and say so in the log."""
+        call = self.call
+        decision = call.floor.silent(whose)
+        if decision is None:
+            return
+        stats = call.relay.stats
+        if whose == "tool":
+            stats.tool_fillers += 1
+            call.log.info("a tool is still running %g s after the agent's last words: the agent fills the wait",
+                          call.config.tool_filler_seconds)
+        elif call.floor.ending is None:
+            stats.idle_check_ins += 1
+            call.log.info("the caller has said nothing for %g s: the agent checks in (%d of %d)",
+                          call.config.idle_seconds, call.floor.check_ins, call.floor.idle_prompts)
+        else:
+            call.log.info("the caller has said nothing for %g s after %d check-in(s): the agent says goodbye",
+                          call.config.idle_seconds, call.floor.check_ins)
+        await call.carry_out(decision)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
 class CallControl:
     """The call's ending, and Twilio's REST API for this call.
 
@@ -1569,7 +1730,7 @@ class CallControl:
         await self.let_playback_finish("the handover line" if end.kind == "transfer" else "the goodbye")
         if end.kind == "transfer":
             return await self.transfer()
-        await self.hang_up(end.reason)
+        await self.hang_up(end)
         return ""
 
     async def let_playback_finish(self, what: str) -> None:
@@ -1580,9 +1741,10 @@ class CallControl:
         except TimeoutError:
             self.call.log.warning("%s is still playing after %g s", what, GOODBYE_PLAYBACK_LIMIT)
 
-    async def hang_up(self, reason: str) -> None:
+    async def hang_up(self, end: End) -> None:
         call = self.call
-        call.log.info("hanging up: %s", reason)
+        call.relay.stats.hang_ups[end.cause] += 1
+        call.log.info("hanging up: %s", end.reason)
         if call.config.twilio_rest and call.call_sid:
             with contextlib.suppress(TwilioError):
                 await self.twilio_rest("hang up", "", {"Status": "completed"})
@@ -1750,11 +1912,12 @@ class Call:
         self.persona = persona_for_call(relay.config, {})  # made the call's own at "start"
         self.log = CallLog(self)
         self.tasks: set[asyncio.Task[None]] = set()  # everything the call runs beside its pumps
-        self.floor = Floor()
+        self.floor = Floor(relay.config.idle_prompts)
         self.phone = Phone(twilio, relay.stats)
         self.transcript = Transcript()  # the conversation as text, for a new session to carry on
         self.link = OpenAILink(self)
         self.continuity = Continuity(self)
+        self.dead_air = DeadAir(self)
         self.caller_audio = CallerAudio(self.link.outbox.send, self.spawn)
         self.control = CallControl(self)
         self.tool_runner = ToolRunner(self)
@@ -1785,6 +1948,7 @@ class Call:
             if self.control.task is not None:  # let a hang-up or transfer that Twilio has begun finish
                 await asyncio.wait({self.control.task}, timeout=TWILIO_REST_TIMEOUT)
             self.caller_audio.stop()
+            self.dead_air.stop()
             tasks = [*pumps, timer, *self.tasks]
             for task in tasks:
                 task.cancel()
@@ -1800,11 +1964,16 @@ class Call:
         return task
 
     async def carry_out(self, decision: Decision) -> None:
-        """Do what the floor decided: ask for a response, or begin the hang-up or transfer."""
+        """Do what the floor decided: ask for a response, or begin the hang-up or transfer.
+
+        The floor is told of everything that happens on the line before this is called,
+        so it is also where a silence that follows is timed.
+        """
         if isinstance(decision, End):
             self.control.task = self.spawn(self.finish(decision))
         elif decision is not None:
             await self.link.outbox.send(decision)
+        self.dead_air.restart()
 
     async def finish(self, end: End) -> None:
         failure = await self.control.carry_out(end)
@@ -1826,10 +1995,10 @@ class Call:
     # For tools such as end_call: the call ends once the current answer has been played.
 
     def end_after_answer(self, reason: str) -> None:
-        self.floor.end("hang_up", reason)
+        self.floor.end("hang_up", reason, "agent")
 
     def transfer_after_answer(self) -> None:
-        self.floor.end("transfer", "the agent transferred the call")
+        self.floor.end("transfer", "the agent transferred the call", "transfer")
 
     # Twilio -> OpenAI
 
@@ -1859,7 +2028,8 @@ class Call:
             name = nested(event, "mark", "name")
             if not isinstance(name, str):
                 raise BadInput("mark without mark.name", repr(event)[:120])
-            self.phone.playback.played(name)
+            if self.phone.playback.played(name):
+                self.dead_air.restart()  # the caller has heard the agent's last words
         elif kind == "start":
             await self.on_start(event)
         elif kind == "dtmf":
@@ -1898,6 +2068,7 @@ class Call:
         if voice is not None and voice not in VOICES:
             self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
         self.persona = persona_for_call(self.config, self.parameters)
+        self.dead_air.restart()  # the line is open: a caller who says nothing is timed from now
         if self.config.record_calls and self.call_sid:
             self.spawn(self.control.record())
         session = self.link.session
@@ -1925,6 +2096,8 @@ class Call:
         digit = nested(event, "dtmf", "digit")
         if not isinstance(digit, str) or len(digit) != 1 or digit not in "0123456789*#ABCD":
             raise BadInput("dtmf without a valid dtmf.digit", repr(event)[:120])
+        self.floor.caller_is_there()
+        self.dead_air.restart()
         if not self.config.dtmf:
             return
         self.log.info("the caller pressed a key")  # not which one: it may be a PIN
@@ -1967,12 +2140,15 @@ class Call:
         if kind == "response.output_audio.delta":
             await self.phone.play(event)
         elif kind == "input_audio_buffer.speech_started":
-            self.floor.caller_speaking = session.worked = True
+            session.worked = True
+            self.floor.speech_started()
+            self.dead_air.restart()
             if isinstance(event.get("item_id"), str):
                 self.transcript.begin(event["item_id"], "user")
             await self.on_caller_speech()
         elif kind == "input_audio_buffer.speech_stopped":
-            self.floor.caller_speaking = False
+            self.floor.speech_stopped()
+            self.dead_air.restart()
         elif kind == "response.output_item.added":
             item = event.get("item")
             if isinstance(item, dict) and item.get("role") == "assistant" and isinstance(item.get("id"), str):
@@ -1980,6 +2156,7 @@ class Call:
         elif kind == "response.created":
             session.worked = True
             self.floor.created()
+            self.dead_air.restart()
         elif kind in ("conversation.item.added", "conversation.item.created"):
             self.floor.confirmed(nested(event, "item", "id"))
         elif kind == "response.output_item.done":
@@ -2035,7 +2212,7 @@ class Call:
                 await session.close("expired")
                 return
             await self.phone.finish_item()  # no more audio comes: the ending waits only for what was sent
-            await self.carry_out(self.floor.end_now("hang_up", "the OpenAI session expired"))
+            await self.carry_out(self.floor.end_now("hang_up", "the OpenAI session expired", "session_expired"))
             return
         await self.carry_out(self.floor.refused(about, str(error.get("code"))))
 
@@ -2063,7 +2240,7 @@ class Call:
         await asyncio.sleep(self.config.max_call_seconds)
         reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
         goodbye = self.floor.say(TIME_LIMIT_GOODBYE)
-        self.floor.end("hang_up", reason)
+        self.floor.end("hang_up", reason, "time_limit")
         if goodbye is not None:
             self.log.info("time limit reached: asking the agent to say goodbye")
             await self.carry_out(goodbye)
@@ -2071,7 +2248,7 @@ class Call:
             self.log.info("time limit reached: hanging up when the current answer ends")
             await self.carry_out(self.floor.next())
         await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
-        await self.carry_out(self.floor.end_now("hang_up", reason))
+        await self.carry_out(self.floor.end_now("hang_up", reason, "time_limit"))
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
 
@@ -2121,6 +2298,9 @@ class Stats:
     tool_calls: collections.Counter[tuple[str, str]] = dataclasses.field(default_factory=collections.Counter)
     transfers: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    hang_ups: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    idle_check_ins: int = 0
+    tool_fillers: int = 0
     tool_seconds: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     )
@@ -2319,6 +2499,12 @@ class Relay:
                labelled("relay_transfers_total", "outcome", stats.transfers))
         metric("relay_openai_reconnects_total", "counter", "Calls carried over to a new OpenAI session, by reason.",
                labelled("relay_openai_reconnects_total", "reason", stats.reconnects))
+        metric("relay_hang_ups_total", "counter", "Calls the relay hung up, by cause (silence: an idle caller).",
+               labelled("relay_hang_ups_total", "cause", stats.hang_ups))
+        metric("relay_idle_check_ins_total", "counter", "Times the agent asked a silent caller if they are there.",
+               [f"relay_idle_check_ins_total {stats.idle_check_ins}"])
+        metric("relay_tool_fillers_total", "counter", "Lines the agent said to fill a slow tool's wait.",
+               [f"relay_tool_fillers_total {stats.tool_fillers}"])
         return "\n".join(lines) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
@@ -2630,6 +2816,8 @@ def say_what_to_do_next(relay: Relay, port: int) -> None:
             "TWILIO_AUTH_TOKEN is not set: anyone who knows this relay's URL can open calls on "
             "your OpenAI account. Set it to check Twilio's signature on every call."
         )
+    for warning in config.warnings:
+        logger.warning("%s", warning)
     local_host = "localhost" if config.host in ("0.0.0.0", "::") else config.host
     logger.info("relay listening on port %d: health check http://%s:%d/health",
                 port, f"[{local_host}]" if ":" in local_host else local_host, port)

@@ -607,6 +607,12 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"PUBLIC_URL": "https://relay.example.com/my path"}, "PUBLIC_URL must be a URL like"),
         ({"TWILIO_API_BASE_URL": "https://[api.twilio.com"}, "TWILIO_API_BASE_URL must be a URL like"),
         ({"OPENAI_MODEL": "gpt 4"}, "OPENAI_MODEL must be a model name without spaces"),
+        ({"TURN_DETECTION": "vad"}, "TURN_DETECTION must be one of server_vad, semantic_vad; got 'vad'"),
+        ({"VAD_EAGERNESS": "fast"}, "VAD_EAGERNESS must be one of auto, low, medium, high"),
+        ({"NOISE_REDUCTION": "none"}, "NOISE_REDUCTION must be one of near_field, far_field, off"),
+        ({"IDLE_SECONDS": "-1"}, "IDLE_SECONDS must be between 0 and 600"),
+        ({"IDLE_PROMPTS": "1.5"}, "IDLE_PROMPTS must be a whole number"),
+        ({"TOOL_FILLER_SECONDS": "soon"}, "TOOL_FILLER_SECONDS must be a number"),
     ],
 )
 def test_bad_settings_are_refused(env: dict[str, str], complaint: str) -> None:
@@ -1757,7 +1763,7 @@ def decision_of(decision: relay.Decision) -> str | None:
 
 def play_floor(steps: list[Step]) -> relay.Floor:
     """Feed a fresh Floor these events; after each, check the decision it returns."""
-    floor = relay.Floor()
+    floor = relay.Floor(idle_prompts=2)
     for name, arguments, wanted in steps:
         decision = getattr(floor, name)(*arguments)
         if name == "new_item":
@@ -1832,16 +1838,66 @@ def test_floor_a_drop_during_a_tool_answers_in_the_new_session() -> None:
 
 def test_floor_hang_up_and_transfer_wait_for_the_floor_then_end_it() -> None:
     floor = play_floor([UP, ("created", (), None), ("tool_started", (), None),
-                        ("end", ("hang_up", "the agent ended the call"), None),
+                        ("end", ("hang_up", "the agent ended the call", "agent"), None),
                         ("tool_finished", (), None), ("new_item", (), None), (NEXT, (), None),
                         ("done", (), "hang_up"), (NEXT, (), None), ("say", ("Goodbye.",), None)])
     assert floor.state == "ENDED"
-    play_floor([UP, ("end", ("transfer", ""), None), (NEXT, (), "transfer"), ("ending_failed", (), None),
+    play_floor([UP, ("end", ("transfer", "", "transfer"), None), (NEXT, (), "transfer"), ("ending_failed", (), None),
                 ("new_item", (), None), (NEXT, (), "ask")])  # a failed transfer is told to the agent
-    play_floor([UP, ("created", (), None), ("end", ("hang_up", ""), None),
+    play_floor([UP, ("created", (), None), ("end", ("hang_up", "", "agent"), None),
                 ("lost", (set(),), "hang_up")])  # the session is gone: no answer will come
-    play_floor([UP, ("created", (), None), ("end_now", ("hang_up", "time limit"), "hang_up"),
-                ("end_now", ("hang_up", "time limit"), None)])
+    play_floor([UP, ("created", (), None), ("end_now", ("hang_up", "time limit", "time_limit"), "hang_up"),
+                ("end_now", ("hang_up", "time limit", "time_limit"), None)])
+
+
+CHECK_IN = [("silent", ("caller",), "ask"), ("created", (), None), ("done", (), None)]
+
+
+def test_floor_a_silent_caller_is_checked_on_then_said_goodbye_to() -> None:
+    floor = play_floor([UP, *CHECK_IN, *CHECK_IN,  # IDLE_PROMPTS=2 check-ins...
+                        ("silent", ("caller",), "ask"), ("created", (), None),  # ...then the goodbye
+                        ("done", (), "hang_up")])
+    assert floor.ending is not None and floor.ending.cause == "silence" and floor.state == "ENDED"
+    floor = relay.Floor(idle_prompts=0)
+    floor.ready()
+    assert decision_of(floor.silent("caller")) == "ask" and floor.ending is not None  # no check-in: goodbye
+
+
+def test_floor_the_caller_speaking_starts_the_ladder_again_and_calls_off_the_goodbye() -> None:
+    floor = play_floor([UP, *CHECK_IN, *CHECK_IN, ("silent", ("caller",), "ask"), ("created", (), None),
+                        ("speech_started", (), None),  # the caller answers the goodbye...
+                        ("done", (), None),  # ...so the call goes on
+                        ("speech_stopped", (), None), *CHECK_IN])
+    assert floor.ending is None and floor.check_ins == 1
+    floor = play_floor([UP, *CHECK_IN, *CHECK_IN, ("caller_is_there", (), None), *CHECK_IN])  # a keypad press
+    assert floor.check_ins == 1
+
+
+def test_floor_no_silence_is_filled_while_anything_goes_on() -> None:
+    """A timer that fires late, after its silence has ended, decides nothing."""
+    for steps in ([UP, ("created", (), None)],  # a response runs
+                  [UP, ("speech_started", (), None)],  # the caller speaks
+                  [UP, ("new_item", (), None)],  # something is owed an answer
+                  [UP, ("end", ("transfer", "", "transfer"), None)],  # a transfer waits
+                  [UP, ("end_now", ("hang_up", "", "agent"), "hang_up")],  # a hang-up is under way
+                  []):  # no session
+        floor = play_floor([*steps, ("silent", ("caller",), None), ("silent", ("tool",), None)])
+        assert floor.silence == ""
+
+
+def test_floor_a_slow_tool_gets_one_filler_line_then_one_answer() -> None:
+    floor = play_floor([UP, ("created", (), None), ("tool_started", (), None), ("done", (), None),
+                        ("silent", ("caller",), None),  # a tool runs: it is not the caller's silence
+                        ("silent", ("tool",), "ask"), ("created", (), None), ("done", (), None),
+                        ("silent", ("tool",), None),  # never twice for one wait
+                        ("tool_finished", (), None), ("new_item", (), None), (NEXT, (), "ask"),
+                        ("created", (), None), ("confirmed", ("relay_1",), None), ("done", (), None)])
+    assert floor.silence == "caller" and floor.state == "FREE"
+    floor = play_floor([UP, ("created", (), None), ("tool_started", (), None), ("done", (), None),
+                        ("silent", ("tool",), "ask"), ("tool_finished", (), None), ("new_item", (), None),
+                        (NEXT, (), None),  # the filler is under way: the result is answered after it
+                        ("created", (), None), ("done", (), "ask")])
+    assert not floor.filled  # the next slow tool gets its own filler line
 
 
 # An agent that can act: tools, MCP, per-call context ------------------------------------------
@@ -2718,6 +2774,230 @@ def test_relay_py_help_explains_serving_and_calling() -> None:
         calling = await help_text("call")
         assert calling.startswith("usage: python relay.py call [-h] [--greeting GREETING]")
         assert "--instructions" in calling and "NAME=VALUE" in calling and "TWILIO_PHONE_NUMBER" in calling
+
+    run(scenario)
+
+
+# Real phone lines: silent callers, noisy lines, slow tools --------------------------------------
+
+
+def instructions_asked(session: FakeSession) -> list[str | None]:
+    """The instructions of each response.create the relay sent (None: a plain request)."""
+    return [event.get("response", {}).get("instructions") for event in session.of_type("response.create")]
+
+
+def speaking_for(chunks: int, heard: list[tuple[int, int]], phones: list[FakeTwilio]) -> Responder:
+    """A responder whose every answer is ``chunks`` of audio; it notes, as each request comes,
+    how much of the agent's audio the phone had played and how much had been sent to it."""
+    async def respond(session: FakeSession, request: dict[str, Any]) -> None:
+        (phone,) = phones
+        heard.append((phone.played_bytes, len(phone.media) * CHUNK_MS * 8))
+        response_id = await session.begin()
+        await session.say(f"item_{response_id}", speech(7, chunks), response_id)
+        await session.finish()
+
+    return respond
+
+
+def test_a_silent_caller_is_checked_on_then_said_goodbye_to_and_hung_up(caplog: pytest.LogCaptureFixture) -> None:
+    heard: list[tuple[int, int]] = []
+    phones: list[FakeTwilio] = []
+
+    async def scenario() -> None:
+        # Each answer is 1 s of audio, longer than IDLE_SECONDS: a silence timed from
+        # response.done would ask while the caller is still hearing the agent.
+        env = {"IDLE_SECONDS": "0.5", "TOOL_FILLER_SECONDS": "0"}
+        async with rest_call(respond=speaking_for(10, heard, phones), **env) as (rest, the_relay, twilio, session):
+            phones.append(twilio)
+            await twilio.closed.wait()
+            assert instructions_asked(session) == [relay.IDLE_CHECK_IN, relay.IDLE_CHECK_IN, relay.IDLE_GOODBYE]
+            assert heard == [(0, 0), (8000, 8000), (16000, 16000)]  # each asked once every word was heard
+            ((path, fields),) = rest.requests  # hung up cleanly through REST, as end_call does
+            assert path.endswith(f"/Calls/{twilio.call_sid}.json") and fields == {"Status": "completed"}
+            assert rest.played_at_request == [24000]  # after the goodbye was heard
+            numbers = await metrics(the_relay)
+            assert numbers['relay_hang_ups_total{cause="silence"}'] == 1
+            assert numbers["relay_idle_check_ins_total"] == 2
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("the caller has said nothing for 0.5 s: the agent checks in (1 of 2)" in line for line in lines)
+    assert any("the caller has said nothing for 0.5 s after 2 check-in(s): the agent says goodbye" in line
+               for line in lines)
+    assert any("hanging up: the caller said nothing after 2 check-in(s)" in line for line in lines)
+
+
+def test_the_caller_speaking_or_pressing_a_key_starts_the_ladder_again() -> None:
+    async def scenario() -> None:
+        async with one_call(IDLE_SECONDS="0.3", IDLE_PROMPTS="1") as (_, _, twilio, session):
+            await eventually(lambda: len(instructions_asked(session)) == 1)  # the first check-in
+            await speech_started(session)  # the caller answers it, and server VAD answers them
+            await session.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1500,
+                                "item_id": "item_user"})
+            await session.begin()
+            await session.finish()
+            await eventually(lambda: len(instructions_asked(session)) == 2)
+            await press(twilio, "5")
+            await eventually(lambda: len(instructions_asked(session)) == 4)
+            await twilio.closed.wait()
+            assert instructions_asked(session) == [
+                relay.IDLE_CHECK_IN,
+                relay.IDLE_CHECK_IN,  # not a goodbye: the caller had spoken since the first
+                None,  # the keypad press, answered
+                relay.IDLE_CHECK_IN,  # again a check-in, not a goodbye
+                relay.IDLE_GOODBYE,
+            ]
+
+    run(scenario)
+
+
+def test_no_check_in_while_a_tool_runs(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        env = {"IDLE_SECONDS": "0.3", "TOOL_FILLER_SECONDS": "0"}
+        async with one_call(shop_tools["tools"], **env) as (_, _, twilio, session):
+            await response_created(session, "resp_1")
+            await session.say("item_wait", speech(1, 8))  # "Let me check", 800 ms
+            await function_call(session, "order_status", '{"order": "A-1"}', "call_1")
+            await response_done(session, "resp_1")
+            await asyncio.sleep(1.5)  # the audio plays, then the tool runs on
+            assert not session.of_type("response.create")
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: len(instructions_asked(session)) == 2)
+            assert instructions_asked(session) == [None, relay.IDLE_CHECK_IN]  # the result, then a check-in
+
+    run(scenario)
+
+
+def test_no_check_in_while_a_transfer_is_under_way() -> None:
+    async def scenario() -> None:
+        env = {"IDLE_SECONDS": "0.3", "TRANSFER_TO": "+15551234567"}
+        async with rest_call(respond=begin_only, **env) as (rest, the_relay, twilio, session):
+            rest.delay = 1.5  # Twilio takes its time to redirect the call
+            await response_created(session, "resp_1")
+            await function_call(session, "transfer_call", "{}", "call_t")
+            await response_done(session, "resp_1")
+            await twilio.closed.wait()
+            assert [fields for _, fields in rest.requests] == [{"Twiml": relay.transfer_twiml(the_relay.config)}]
+            assert not session.of_type("response.create")
+
+    run(scenario)
+
+
+def test_idle_seconds_0_turns_the_idle_check_off() -> None:
+    async def scenario() -> None:
+        async with one_call(IDLE_SECONDS="0") as (_, the_relay, _, session):
+            (call,) = the_relay.calls
+            await asyncio.sleep(1.0)
+            assert call.dead_air.timer is None  # nothing is timed (the default would time 10 s)
+            assert not session.of_type("response.create") and the_relay.calls == {call}
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("env", "detection", "noise"), [
+    ({}, {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+          "create_response": True, "interrupt_response": True}, {"type": "near_field"}),
+    ({"TURN_DETECTION": "semantic_vad", "VAD_EAGERNESS": "low"},
+     {"type": "semantic_vad", "eagerness": "low", "create_response": True, "interrupt_response": True},
+     {"type": "near_field"}),
+    ({"TURN_DETECTION": "Semantic_VAD"},
+     {"type": "semantic_vad", "eagerness": "auto", "create_response": True, "interrupt_response": True},
+     {"type": "near_field"}),
+    ({"NOISE_REDUCTION": "far_field", "VAD_THRESHOLD": "0.7"},
+     {"type": "server_vad", "threshold": 0.7, "prefix_padding_ms": 300, "silence_duration_ms": 500,
+      "create_response": True, "interrupt_response": True}, {"type": "far_field"}),
+    ({"NOISE_REDUCTION": "off"}, None, None),
+])
+def test_turn_detection_and_noise_reduction_go_into_the_session(
+    env: dict[str, str], detection: dict[str, Any] | None, noise: dict[str, Any] | None
+) -> None:
+    config = relay.load_config({"OPENAI_API_KEY": API_KEY, **env})
+    update = relay.session_update(config, relay.persona_for_call(config, {}), BUILT_IN_TOOLS, "session_update_1")
+    assert not sdk_problems(update), sdk_problems(update)
+    audio_input = update["session"]["audio"]["input"]
+    if detection is not None:
+        assert audio_input["turn_detection"] == detection
+    assert audio_input["noise_reduction"] == noise  # off is an explicit null: OpenAI's own default may change
+
+
+def test_every_session_update_carries_turn_detection_and_noise_reduction() -> None:
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        env = {"TURN_DETECTION": "semantic_vad", "VAD_EAGERNESS": "high", "NOISE_REDUCTION": "far_field"}
+        async with fake.running(), running_relay(fake, None, **env) as (the_relay, url):
+            twilio = await FakeTwilio(url).open(start=False)
+            session = await fake.session()
+            await eventually(lambda: all(configured(call) for call in the_relay.calls))
+            await twilio.start(customParameters={"voice": "cedar"})  # a per-call override
+            await eventually(lambda: len(session.of_type("session.update")) == 2)
+            for update in session.of_type("session.update"):
+                audio_input = update["session"]["audio"]["input"]
+                assert audio_input["turn_detection"]["type"] == "semantic_vad"
+                assert audio_input["turn_detection"]["eagerness"] == "high"
+                assert audio_input["noise_reduction"] == {"type": "far_field"}
+            assert session.of_type("session.update")[1]["session"]["audio"]["output"]["voice"] == "cedar"
+            await twilio.close()
+
+    run(scenario)
+
+
+def test_settings_that_semantic_vad_ignores_are_warned_about_at_start_up() -> None:
+    config = relay.load_config({"OPENAI_API_KEY": API_KEY, "TURN_DETECTION": "semantic_vad",
+                                "VAD_THRESHOLD": "0.8", "VAD_SILENCE_DURATION_MS": "700"})
+    assert config.warnings == ("TURN_DETECTION=semantic_vad ignores VAD_THRESHOLD, VAD_SILENCE_DURATION_MS "
+                               "(settings of server_vad)",)
+    assert relay.load_config({"OPENAI_API_KEY": API_KEY, "VAD_EAGERNESS": "low"}).warnings == (
+        "TURN_DETECTION=server_vad ignores VAD_EAGERNESS (a setting of semantic_vad)",)
+    assert relay.load_config({"OPENAI_API_KEY": API_KEY, "VAD_THRESHOLD": "0.8"}).warnings == ()
+
+    async def scenario() -> None:
+        lines = await start_up_lines({"TURN_DETECTION": "semantic_vad", "VAD_PREFIX_PADDING_MS": "200"})
+        assert "WARNING TURN_DETECTION=semantic_vad ignores VAD_PREFIX_PADDING_MS (settings of server_vad)" in lines
+
+    run(scenario)
+
+
+def test_a_slow_tool_gets_one_filler_line_and_one_answer_after_its_result(
+    shop_tools: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    heard: list[tuple[int, int]] = []
+
+    async def scenario() -> None:
+        async with one_call(shop_tools["tools"], IDLE_SECONDS="0", TOOL_FILLER_SECONDS="0.3") as (
+                fake, the_relay, twilio, session):
+            fake.respond = speaking_for(2, heard, [twilio])
+            await response_created(session, "resp_1")
+            await session.say("item_wait", speech(1, 6))  # "Let me check that for you."
+            await function_call(session, "order_status", '{"order": "A-1"}', "call_1")
+            await response_done(session, "resp_1")
+            await eventually(lambda: len(instructions_asked(session)) == 1)
+            assert instructions_asked(session) == [relay.TOOL_FILLER]
+            assert heard == [(4800, 4800)]  # once "let me check" had been heard, not at response.done
+            await asyncio.sleep(1.0)
+            assert len(instructions_asked(session)) == 1  # never twice for one tool call
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: len(instructions_asked(session)) == 2)
+            await asyncio.sleep(0.5)
+            assert instructions_asked(session) == [relay.TOOL_FILLER, None]  # the result: one answer
+            assert "call_1" in tool_outputs(session)
+            assert (await metrics(the_relay))["relay_tool_fillers_total"] == 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("a tool is still running 0.3 s after the agent's last words: the agent fills the wait"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_a_fast_tool_gets_no_filler_line(shop_tools: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with one_call(shop_tools["tools"], IDLE_SECONDS="0", TOOL_FILLER_SECONDS="0.3") as (_, _, _, session):
+            await response_created(session, "resp_1")
+            await function_call(session, "opening_hours", "{}", "call_1")
+            await response_done(session, "resp_1")
+            await eventually(lambda: len(instructions_asked(session)) == 1)
+            await asyncio.sleep(1.0)
+            assert instructions_asked(session) == [None]  # the result only
 
     run(scenario)
 
