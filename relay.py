@@ -1689,6 +1689,8 @@ class DeadAir:
     async def fill(self, whose: str) -> None:
         """The silence lasted: let the floor decide, and say so in the log."""
         call = self.call
+        if not call.phone.playback.drained.is_set():
+            return  # the phone plays again: its last mark will time the next silence
         decision = call.floor.silent(whose)
         if decision is None:
             return
@@ -1948,11 +1950,11 @@ class Call:
             if self.control.task is not None:  # let a hang-up or transfer that Twilio has begun finish
                 await asyncio.wait({self.control.task}, timeout=TWILIO_REST_TIMEOUT)
             self.caller_audio.stop()
-            self.dead_air.stop()
             tasks = [*pumps, timer, *self.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self.dead_air.stop()  # after the pumps, which may have timed a silence as they ended
             await self.link.close()
             await self.phone.twilio.close(1011 if self.link.failed else 1000)
 

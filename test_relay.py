@@ -3627,6 +3627,8 @@ class BenchOpenAI(SansIOPeer):
                 stats.first_audio[call] = arrived
                 if self.profile == "realistic":
                     self.talker = asyncio.ensure_future(self.talk(call))
+                else:  # as the real API does, audio comes inside a response: one that never ends
+                    self.send_text('{"type":"response.created","response":{"id":"r","status":"in_progress"}}')
             if seq == TRAILER:
                 continue
             stats.seen_up[call].append(seq)
@@ -3641,13 +3643,14 @@ class BenchOpenAI(SansIOPeer):
                            f'{self.call}","output_index":0,"content_index":0,"delta":"{audio_b64}"}}')
 
     async def talk(self, call: int) -> None:
-        """The agent: 2 s of speech every 5 s, in 100-200 ms deltas sent as fast as 20 ms apart."""
+        """The agent: a 2 s response every 5 s, in 100-200 ms deltas sent as fast as 20 ms apart."""
         stats, seq, turn = self.stats, 0, 0
         rng = random.Random(call)
         await asyncio.sleep(rng.uniform(0, 5))
         while self.ws.state is State.OPEN:
             turn += 1
             spoken = 0
+            self.send_text(f'{{"type":"response.created","response":{{"id":"r{turn}","status":"in_progress"}}}}')
             while spoken < 2000 and not stats.window_over:
                 ms = rng.randrange(100, 201, 20)
                 stats.down_sent[(call, seq)] = time.perf_counter()
@@ -3658,6 +3661,7 @@ class BenchOpenAI(SansIOPeer):
                 seq += 1
                 spoken += ms
                 await asyncio.sleep(0.02)
+            self.send_text(f'{{"type":"response.done","response":{{"id":"r{turn}","status":"completed"}}}}')
             await asyncio.sleep(5 - 2000 / 1000 - 0.02 * 13)
 
     def connection_lost(self, exc: Exception | None) -> None:
