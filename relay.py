@@ -100,6 +100,11 @@ TOOL_FILLER = (
     "The tool you called is still working. In the language of the conversation, tell the caller in one "
     "short sentence that you are still on it. Do not guess its result or say anything you do not know."
 )
+# After the call (CALL_SUMMARY), for the report: a text answer nobody hears.
+SUMMARY_INSTRUCTIONS = (
+    "The phone call has ended. For the business's records, summarise it in two or three sentences of "
+    "English, then give the caller's request in one line that begins with 'Request:'."
+)
 # On a new OpenAI session (SESSION_CONTINUITY), if the agent owed an answer.
 PICK_UP_AFTER_DROP = (
     "The line dropped for a moment because of a technical problem and you are back. Say sorry in a few "
@@ -220,6 +225,12 @@ MEMORY_TURN_CHARS = 2000
 MEMORY_CHARS = 24000  # about 6,000 tokens: a new session reads it all before it answers
 ROLLOVER_QUIET_WAIT = 60.0  # seconds a planned rollover waits for a quiet moment
 MCP_EVENTS = ("mcp_list_tools.failed", "response.mcp_call.failed")  # what the remote MCP server did
+# What a call's report keeps of the conversation (a new session gets the MEMORY_* newest part of it).
+TRANSCRIPT_TURNS = 2000
+TRANSCRIPT_CHARS = 200_000
+SUMMARY_TIMEOUT = 10.0  # seconds the report waits for CALL_SUMMARY's answer
+REPORT_TIMEOUT = 10.0  # seconds for one try at delivering a report
+REPORT_RETRY_DELAYS = (1.0, 5.0, 25.0)  # seconds before each further try, after a failure worth retrying
 
 
 PLACEHOLDER_API_KEY = "sk-your-key-here"  # what .env.example says until the user puts a key there
@@ -282,6 +293,9 @@ class Config:
     session_continuity: bool = True
     reconnect_seconds: float = 5.0
     session_rollover_seconds: float = 3420.0
+    call_report_url: str = ""
+    call_report_secret: str = dataclasses.field(default="", repr=False)
+    call_summary: bool = False
     warnings: tuple[str, ...] = ()  # settings that are allowed but may not do what was meant
 
     def __repr__(self) -> str:
@@ -491,6 +505,17 @@ def load_config(env: Mapping[str, str]) -> Config:
         raise ConfigError("MAX_CALL_SECONDS above 3600 needs SESSION_CONTINUITY=on: "
                           "OpenAI ends every session after 60 minutes")
     turn_detection = _choice(env, "TURN_DETECTION", TURN_DETECTIONS)
+    report_url = env.get("CALL_REPORT_URL", "").strip()
+    if report_url:
+        _url("CALL_REPORT_URL", report_url, "https://crm.example.com/calls")
+    report_secret = env.get("CALL_REPORT_SECRET", "").strip()
+    call_summary = _switch(env, "CALL_SUMMARY", False)
+    if call_summary and not report_url:
+        raise ConfigError("CALL_SUMMARY=on needs CALL_REPORT_URL: the summary goes into the call's report")
+    warnings = _turn_detection_warnings(env, turn_detection)
+    if report_url and not report_secret:
+        warnings += (("CALL_REPORT_URL is set without CALL_REPORT_SECRET: reports go unsigned, so the "
+                      "receiver cannot tell they come from this relay"),)
     mcp_label = env.get("MCP_SERVER_LABEL", "").strip() or "tools"
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mcp_label):
         raise ConfigError(f"MCP_SERVER_LABEL must be letters, digits, _ or - (at most 64), got {mcp_label!r}")
@@ -535,7 +560,10 @@ def load_config(env: Mapping[str, str]) -> Config:
         session_continuity=session_continuity,
         reconnect_seconds=_number(env, "RECONNECT_SECONDS", 5, 0.5, 60),
         session_rollover_seconds=_number(env, "SESSION_ROLLOVER_SECONDS", 3420, 1, 3500),
-        warnings=_turn_detection_warnings(env, turn_detection),
+        call_report_url=report_url,
+        call_report_secret=report_secret,
+        call_summary=call_summary,
+        warnings=warnings,
     )
 
 
@@ -613,7 +641,7 @@ def session_update(config: Config, persona: Persona, tools: Mapping[str, Tool], 
         "turn_detection": turn_detection(config),
         "noise_reduction": None if config.noise_reduction == "off" else {"type": config.noise_reduction},
     }
-    if config.log_transcripts or config.session_continuity:  # continuity keeps the caller's words
+    if config.log_transcripts or config.session_continuity or config.call_report_url:  # keep the caller's words
         audio_input["transcription"] = {"model": TRANSCRIPTION_MODEL}
     session: dict[str, Any] = {
         "type": "realtime",
@@ -640,6 +668,38 @@ def response_request(event_id: str, instructions: str = "") -> dict[str, Any]:
     if instructions:
         event["response"] = {"instructions": instructions}
     return event
+
+
+def summary_request() -> dict[str, Any]:
+    """An out-of-band text answer: it sees the conversation, but is neither spoken nor added to it."""
+    return {"type": "response.create", "event_id": "relay_summary", "response": {
+        "conversation": "none", "output_modalities": ["text"], "instructions": SUMMARY_INSTRUCTIONS,
+        "metadata": {"relay": "summary"}}}
+
+
+def response_text(response: Any) -> str:
+    """The text of a response.done's output messages."""
+    output = response.get("output") if isinstance(response, dict) else None
+    texts = [part.get("text") for item in output if isinstance(item, dict) and isinstance(item.get("content"), list)
+             for part in item["content"] if isinstance(part, dict)] if isinstance(output, list) else []
+    return " ".join(text for text in texts if isinstance(text, str)).strip()
+
+
+def token_counts(usage: Any) -> dict[str, int]:
+    """A response.done's usage: input and output tokens, each by text and audio, and cached input."""
+    if not isinstance(usage, dict):
+        return {}
+    def details(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    heard, said = details(usage.get("input_token_details")), details(usage.get("output_token_details"))
+    cached = details(heard.get("cached_tokens_details"))
+    counts = {"input": usage.get("input_tokens"), "output": usage.get("output_tokens"),
+              "input_text": heard.get("text_tokens"), "input_audio": heard.get("audio_tokens"),
+              "input_cached": heard.get("cached_tokens"), "input_cached_text": cached.get("text_tokens"),
+              "input_cached_audio": cached.get("audio_tokens"),
+              "output_text": said.get("text_tokens"), "output_audio": said.get("audio_tokens")}
+    return {kind: n for kind, n in counts.items() if type(n) is int and n >= 0}
 
 
 def text_message(text: str, role: str = "user") -> dict[str, Any]:
@@ -847,6 +907,11 @@ def tool_note(name: Any, arguments: Any, output: Any) -> str:
     return f"The {name} tool was called with {str(arguments)[:300]} and returned: {str(output)[:700]}"
 
 
+def iso_utc(moment: datetime.datetime) -> str:
+    """ISO-8601 in UTC to the millisecond, as logs and reports write times: 2026-12-03T15:04:05.123Z."""
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 def masked(target: str) -> str:
     """A number or SIP address for a log line: its last 4 characters."""
     return "***" + target[-4:]
@@ -863,6 +928,7 @@ def masked(target: str) -> str:
 #   DeadAir     times the silences the agent fills: a caller who says nothing, a slow tool
 #   CallControl a hang-up or transfer once the last words have played; recording
 #   ToolRunner  the model's function calls, and what the remote MCP server did
+#   CallRecord  what the call's report will say: tools, barge-ins, sessions, tokens, its ending
 #   Call        the two pumps, handing each event to the part it belongs to
 
 
@@ -882,7 +948,7 @@ class End:
 
     kind: str  # "hang_up" or "transfer"
     reason: str  # for the log
-    cause: str  # one word, for /metrics: agent, time_limit, silence, session_expired or transfer
+    cause: str  # how the call ended, in one word (see how_it_ended): agent_hung_up, time_limit, silence...
 
 
 Decision = dict[str, Any] | End | None  # a response.create to send, an ending to begin, or nothing
@@ -1230,14 +1296,17 @@ class Phone:
         self.sid_json = json.dumps(stream_sid)
         self.started.set()
 
-    async def play(self, event: dict[str, Any]) -> None:
-        """Forward one chunk of the agent's voice, with a mark to learn when it has been heard."""
+    async def play(self, event: dict[str, Any]) -> bool:
+        """Forward one chunk of the agent's voice, with a mark to learn when it has been heard.
+
+        Return whether it went to the phone.
+        """
         delta, item_id = event.get("delta"), event.get("item_id")
         if not isinstance(delta, str) or not isinstance(item_id, str) or not self.stream_sid:
-            return
+            return False
         if item_id in self.playback.muted:
             self.stats.dropped["interrupted_answer"] += 1
-            return  # the rest of an answer the caller has already interrupted
+            return False  # the rest of an answer the caller has already interrupted
         size = decoded_size(delta)
         self.stats.frames_out += 1
         self.stats.bytes_out += size
@@ -1248,6 +1317,7 @@ class Phone:
         )
         if mark:
             await self.send_mark(mark)
+        return True
 
     async def finish_item(self) -> None:
         """The agent's item is complete (or no more of it will come): mark its unmarked tail."""
@@ -1354,6 +1424,7 @@ class Turn:
     role: str  # "user" (the caller), "assistant" (the agent) or "system" (a note, such as a tool result)
     text: str = ""
     heard: float | None = None  # for an agent turn the caller cut off: the share of it they heard
+    note: bool = False  # written by the relay (a keypad press, a tool result), not spoken
 
     @property
     def heard_text(self) -> str:
@@ -1376,8 +1447,8 @@ class Transcript:
 
     Turns keep the order in which they began (a caller's turn when their speech starts,
     the agent's when its answer starts), though their text comes later, from the
-    transcripts. Memory only, and bounded: the oldest turns go first, and all of it goes
-    when the call ends.
+    transcripts. Memory only, and bounded (TRANSCRIPT_*): the oldest turns go first, and
+    all of it goes when the call's report is made.
     """
 
     def __init__(self) -> None:
@@ -1401,21 +1472,37 @@ class Transcript:
         self.forget_the_oldest()
 
     def forget_the_oldest(self) -> None:
-        while self.chars > MEMORY_CHARS or len(self.turns) > MEMORY_TURNS:
+        while self.chars > TRANSCRIPT_CHARS or len(self.turns) > TRANSCRIPT_TURNS:
             self.chars -= len(self.turns.popitem(last=False)[1].text)
 
     def note(self, role: str, text: str) -> None:
         """A turn that has no item of its own: a keypad press, a tool result."""
         self.notes += 1
-        self.write(f"note {self.notes}", role, text)
+        key = f"note {self.notes}"
+        self.begin(key, role).note = True
+        self.write(key, role, text)
 
     def cut_off(self, key: str, heard_ms: int, sent_ms: int) -> None:
         if key in self.turns and sent_ms > 0:
             self.turns[key].heard = min(1.0, heard_ms / sent_ms)
 
     def items(self) -> list[dict[str, Any]]:
-        """The conversation as items for a new session, oldest first."""
-        return [turn.as_item() for turn in self.turns.values() if turn.heard_text]
+        """The newest of the conversation (MEMORY_*) as items for a new session, oldest first."""
+        kept: list[Turn] = []
+        chars = 0
+        for turn in reversed(self.turns.values()):
+            chars += len(turn.heard_text)
+            if len(kept) == MEMORY_TURNS or chars > MEMORY_CHARS:
+                break
+            if turn.heard_text:
+                kept.append(turn)
+        return [turn.as_item() for turn in reversed(kept)]
+
+    def spoken(self) -> list[dict[str, Any]]:
+        """What the caller and the agent said, in order, for the call's report."""
+        return [{"role": "caller" if turn.role == "user" else "agent", "text": turn.text,
+                 "interrupted": turn.heard is not None}
+                for turn in self.turns.values() if not turn.note and turn.text]
 
     def caller_waits(self) -> bool:
         """Did the caller say something the agent has not begun to answer?"""
@@ -1526,6 +1613,7 @@ class OpenAILink:
                 self.relay.stats.openai_connect.observe(seconds)
                 self.log.info("OpenAI connected in %.0f ms", seconds * 1000)
             self.session = session
+            self.call.record.sessions += 1
             await session.configure(self.config, self.call.persona, self.relay.tools)
             for event in history:
                 await session.send(event)
@@ -1620,6 +1708,7 @@ class Continuity:
             return False
         await call.carry_out(call.floor.ready())
         call.relay.stats.reconnects[reason] += 1
+        call.record.reconnects += 1
         call.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
                       "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
                       len(history), ", the agent picks up" if waiting else "")
@@ -1770,6 +1859,7 @@ class CallControl:
         """Start recording the call, caller and agent on separate channels."""
         with contextlib.suppress(TwilioError):
             reply = await self.twilio_rest("start recording", "/Recordings", {"RecordingChannels": "dual"})
+            self.call.record.recording_sid = str(reply.get("sid") or "")
             self.call.log.info("recording the call: %s", reply.get("sid"))
 
     async def twilio_rest(self, what: str, resource: str, fields: Mapping[str, str]) -> dict[str, Any]:
@@ -1801,6 +1891,7 @@ class ToolRunner:
         elif item.get("type") == "mcp_call":
             self.call.floor.owe()  # OpenAI ran it, but does not answer with its result by itself
             error = item.get("error")
+            self.call.record.tool(str(item.get("name")), "error" if error else "ok", None, str(item.get("server_label")))
             outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
             self.call.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
                           outcome if error else "ok")
@@ -1814,6 +1905,7 @@ class ToolRunner:
         seconds = time.monotonic() - started
         self.call.relay.stats.tool_calls[name if name in self.call.relay.tools else "unknown", outcome] += 1
         self.call.relay.stats.tool_seconds.observe(seconds)
+        self.call.record.tool(name, outcome, seconds)
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
         summary = tool_note(name, item.get("arguments"), output)
         self.call.transcript.note("system", summary)
@@ -1881,6 +1973,68 @@ class ToolRunner:
             return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
 
 
+def how_it_ended(ending: End | None, ended: bool, openai_failed: bool, twilio_stopped: bool,
+                 shutting_down: bool) -> str:
+    """The call's ending in one word, for its report and its last log line (README, After the call).
+
+    An ending the relay began says it all. Otherwise OpenAI failed the call, or Twilio said
+    "stop" (the caller hung up), or Twilio's connection closed without it: the relay's own
+    shutdown, or a lost connection.
+    """
+    if ending is not None and ended:
+        return ending.cause  # agent_hung_up, time_limit, silence or transferred
+    if openai_failed:
+        return "openai_failed"
+    if twilio_stopped:
+        return "caller_hung_up"
+    return "shutdown" if shutting_down else "twilio_lost"
+
+
+class CallRecord:
+    """What the call's report will say, gathered as the call goes; the words are the Transcript's.
+
+    Facts only, no I/O: the tool calls (name, outcome, duration; never their arguments or
+    output), barge-ins, sessions, reconnects, the recording, and the tokens of every response.
+    """
+
+    def __init__(self) -> None:
+        self.twilio_stopped = False  # Twilio said "stop": someone hung up
+        self.tools: list[dict[str, Any]] = []
+        self.barge_ins = 0
+        self.sessions = 0
+        self.reconnects = 0
+        self.recording_sid = ""
+        self.responses = 0
+        self.tokens: collections.Counter[str] = collections.Counter()  # see token_counts
+        self.summary = ""
+        self.caller_done_at: float | None = None  # the caller's last end of speech, until audio answers it
+
+    def tool(self, name: str, outcome: str, seconds: float | None, server: str = "") -> None:
+        call = {"name": name[:64], "outcome": outcome, "durationMs": None if seconds is None else round(seconds * 1000)}
+        self.tools.append({**call, "server": server} if server else call)
+
+    def response_done(self, usage: Any) -> dict[str, int]:
+        """Add a response's tokens; return them."""
+        counts = token_counts(usage)
+        self.responses += 1
+        self.tokens.update(counts)
+        return counts
+
+    def answered(self) -> float:
+        """The agent's answer reached the phone: seconds since the caller stopped speaking."""
+        waited = time.monotonic() - (self.caller_done_at or 0.0)
+        self.caller_done_at = None
+        return waited
+
+    def usage(self) -> dict[str, Any]:
+        tokens = self.tokens
+        return {"responses": self.responses, "inputTokens": tokens["input"], "outputTokens": tokens["output"],
+                "input": {"text": tokens["input_text"], "audio": tokens["input_audio"],
+                          "cached": tokens["input_cached"], "cachedText": tokens["input_cached_text"],
+                          "cachedAudio": tokens["input_cached_audio"]},
+                "output": {"text": tokens["output_text"], "audio": tokens["output_audio"]}}
+
+
 class CallLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefix every line with the call it belongs to, so busy logs stay readable."""
 
@@ -1923,6 +2077,7 @@ class Call:
         self.caller_audio = CallerAudio(self.link.outbox.send, self.spawn)
         self.control = CallControl(self)
         self.tool_runner = ToolRunner(self)
+        self.record = CallRecord()
 
     @property
     def config(self) -> Config:
@@ -1955,8 +2110,83 @@ class Call:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.dead_air.stop()  # after the pumps, which may have timed a silence as they ended
-            await self.link.close()
             await self.phone.twilio.close(1011 if self.link.failed else 1000)
+
+    async def wrap_up(self, active: int) -> None:
+        """After the call: the summary if asked for, then close OpenAI, log the call, send its report.
+
+        The caller has gone; OpenAI is still open, for a summary to be asked of it.
+        """
+        try:
+            if self.config.call_summary and self.stream_sid:
+                self.record.summary = await self.summarize()
+        finally:
+            await self.link.close()
+        ended_at = datetime.datetime.now(datetime.timezone.utc)
+        how = how_it_ended(self.floor.ending, self.floor.ended, self.link.failed, self.record.twilio_stopped,
+                           self.relay.draining)
+        tokens = self.record.tokens
+        self.log.info("call ended: %s, %.0f s, %d turn(s), tokens in %d out %d (%d active)", how,
+                      (ended_at - self.started_at).total_seconds(), len(self.transcript.spoken()),
+                      tokens["input"], tokens["output"], active)
+        if self.config.call_report_url and self.call_sid:
+            self.relay.reports.send(self.log, self.call_sid, self.report(how, ended_at))
+
+    async def summarize(self) -> str:
+        """Ask the model out of band for a summary of the call, waiting at most SUMMARY_TIMEOUT."""
+        session = self.link.session
+        if session is None or not session.is_open:
+            return ""
+        try:
+            async with asyncio.timeout(SUMMARY_TIMEOUT):
+                if self.floor.responding:
+                    await session.send({"type": "response.cancel"})  # nobody is left to hear it
+                await session.send(summary_request())
+                async for message in session.socket:
+                    event = json.loads(message)
+                    if event.get("type") == "response.done":
+                        response = event.get("response")
+                        self.count_tokens(response)
+                        if nested(event, "response", "metadata") == {"relay": "summary"}:
+                            return response_text(response)
+                    elif event.get("type") == "error" and nested(event, "error", "event_id") == "relay_summary":
+                        self.log.warning("OpenAI refused the summary: %s", nested(event, "error", "message"))
+                        return ""
+        except (TimeoutError, ConnectionClosed, ValueError, AttributeError) as problem:
+            self.log.warning("no summary of the call: %s", type(problem).__name__)
+        return ""
+
+    def count_tokens(self, response: Any) -> None:
+        """A response is done: add its tokens to the call's and the relay's."""
+        usage = response.get("usage") if isinstance(response, dict) else None
+        for kind, count in self.record.response_done(usage).items():
+            self.relay.stats.tokens[kind] += count
+
+    def report(self, how: str, ended_at: datetime.datetime) -> dict[str, Any]:
+        """The call's report, for CALL_REPORT_URL; every field is in README, After the call."""
+        parameters = self.parameters
+        return {
+            "callSid": self.call_sid,
+            "streamSid": self.stream_sid,
+            "direction": parameters.get("direction", "inbound"),
+            "from": parameters.get("from"),
+            "to": parameters.get("to"),
+            "answeredBy": parameters.get("answered_by"),
+            "parameters": parameters,
+            "startedAt": iso_utc(self.started_at),
+            "endedAt": iso_utc(ended_at),
+            "durationSeconds": round((ended_at - self.started_at).total_seconds(), 3),
+            "ending": how,
+            "transferredTo": masked(self.config.transfer_to) if how == "transferred" else None,
+            "transcript": self.transcript.spoken(),
+            "tools": self.record.tools,
+            "bargeIns": self.record.barge_ins,
+            "openaiSessions": self.record.sessions,
+            "reconnects": self.record.reconnects,
+            "recordingSid": self.record.recording_sid or None,
+            "usage": self.record.usage(),
+            "summary": self.record.summary or None,
+        }
 
     def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         """Run ``work`` beside the pumps, as part of this call: it ends with the call."""
@@ -1997,10 +2227,10 @@ class Call:
     # For tools such as end_call: the call ends once the current answer has been played.
 
     def end_after_answer(self, reason: str) -> None:
-        self.floor.end("hang_up", reason, "agent")
+        self.floor.end("hang_up", reason, "agent_hung_up")
 
     def transfer_after_answer(self) -> None:
-        self.floor.end("transfer", "the agent transferred the call", "transfer")
+        self.floor.end("transfer", "the agent transferred the call", "transferred")
 
     # Twilio -> OpenAI
 
@@ -2037,6 +2267,7 @@ class Call:
         elif kind == "dtmf":
             await self.on_dtmf(event)
         elif kind == "stop":
+            self.record.twilio_stopped = True
             self.log_stop()
             await self.caller_audio.flush()
             return False
@@ -2140,7 +2371,8 @@ class Call:
             self.log.warning("ignoring unreadable message from OpenAI: %r", message[:80])
             return
         if kind == "response.output_audio.delta":
-            await self.phone.play(event)
+            if await self.phone.play(event) and self.record.caller_done_at is not None:
+                self.relay.stats.reply_seconds.observe(self.record.answered())
         elif kind == "input_audio_buffer.speech_started":
             session.worked = True
             self.floor.speech_started()
@@ -2149,6 +2381,7 @@ class Call:
                 self.transcript.begin(event["item_id"], "user")
             await self.on_caller_speech()
         elif kind == "input_audio_buffer.speech_stopped":
+            self.record.caller_done_at = time.monotonic()
             self.floor.speech_stopped()
             self.dead_air.restart()
         elif kind == "response.output_item.added":
@@ -2166,6 +2399,7 @@ class Call:
         elif kind in ("response.output_audio.done", "response.done"):
             await self.phone.finish_item()
             if kind == "response.done":
+                self.count_tokens(event.get("response"))
                 await self.carry_out(self.floor.done())
         elif kind == "error":
             await self.on_openai_error(session, event)
@@ -2191,6 +2425,7 @@ class Call:
                                      "content_index": cut.content_index, "audio_end_ms": cut.heard_ms})
         self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
         self.relay.stats.barge_ins += 1
+        self.record.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
 
     async def greet(self) -> None:
@@ -2214,7 +2449,7 @@ class Call:
                 await session.close("expired")
                 return
             await self.phone.finish_item()  # no more audio comes: the ending waits only for what was sent
-            await self.carry_out(self.floor.end_now("hang_up", "the OpenAI session expired", "session_expired"))
+            await self.carry_out(self.floor.end_now("hang_up", "the OpenAI session expired", "time_limit"))
             return
         await self.carry_out(self.floor.refused(about, str(error.get("code"))))
 
@@ -2301,11 +2536,85 @@ class Stats:
     transfers: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     hang_ups: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    tokens: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # see token_counts
+    reports: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    reply_seconds: Histogram = dataclasses.field(
+        default_factory=lambda: Histogram((0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10))
+    )
     idle_check_ins: int = 0
     tool_fillers: int = 0
     tool_seconds: Histogram = dataclasses.field(
         default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
     )
+
+
+def report_signature(secret: str, body: bytes, timestamp: int) -> str:
+    """X-Relay-Signature, as Stripe signs webhooks: the time, and an HMAC-SHA256 of "<time>.<body>"."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def post_report(config: Config, call_sid: str, body: bytes) -> tuple[str, bool]:
+    """One try at delivering a report; return what went wrong ("" for nothing) and whether to retry.
+
+    Blocking (urllib): run it with ``asyncio.to_thread``. Signed afresh for each try, so
+    that a receiver may refuse an old timestamp.
+    """
+    headers = {"Content-Type": "application/json", "Idempotency-Key": call_sid, "User-Agent": "relay.py"}
+    if config.call_report_secret:
+        headers["X-Relay-Signature"] = report_signature(config.call_report_secret, body, int(time.time()))
+    request = urllib.request.Request(config.call_report_url, data=body, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=REPORT_TIMEOUT) as reply:
+            reply.read()
+        return "", False
+    except urllib.error.HTTPError as error:
+        return f"HTTP {error.code}", error.code == 429 or error.code >= 500
+    except (OSError, ValueError) as error:  # refused, unreachable, timed out
+        return f"no answer ({error})", True
+
+
+class CallReports:
+    """Each call's report, on its way to CALL_REPORT_URL: signed, retried, never in a call's way."""
+
+    def __init__(self, config: Config, stats: Stats) -> None:
+        self.config = config
+        self.stats = stats
+        self.sending: dict[asyncio.Task[None], str] = {}  # each delivery, and its call's SID
+
+    def send(self, log: CallLog, call_sid: str, report: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self.deliver(log, call_sid, json.dumps(report).encode()))
+        self.sending[task] = call_sid
+        task.add_done_callback(self.sending.pop)
+
+    async def deliver(self, log: CallLog, call_sid: str, body: bytes) -> None:
+        """Try, and try again after a network error, a timeout, 429 or 5xx; never log the body."""
+        pauses = iter(REPORT_RETRY_DELAYS)
+        while True:
+            problem, retry = await asyncio.to_thread(post_report, self.config, call_sid, body)
+            if not problem:
+                self.stats.reports["delivered"] += 1
+                log.info("call report delivered")
+                return
+            pause = next(pauses, None) if retry else None
+            if pause is None:
+                break
+            log.warning("call report not delivered yet: %s; trying again in %g s", problem, pause)
+            await asyncio.sleep(pause)
+        self.stats.reports["failed"] += 1
+        log.error("call report for %s could not be delivered: %s", call_sid, problem)
+
+    async def drain(self, seconds: float) -> None:
+        """At shutdown: give the reports on their way up to ``seconds``; log those that cannot go."""
+        if not self.sending:
+            return
+        logger.info("delivering %d call report(s), for up to %g s", len(self.sending), seconds)
+        _, late = await asyncio.wait(list(self.sending), timeout=seconds)
+        for task in late:
+            self.stats.reports["failed"] += 1
+            logger.error("call report for %s could not be delivered before shutdown", self.sending[task])
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
 
 class Relay:
@@ -2317,6 +2626,7 @@ class Relay:
         self.stats = Stats()
         self.calls: set[Call] = set()
         self.warm = WarmSessions(config, tools)
+        self.reports = CallReports(config, self.stats)
         self.draining = False  # set at shutdown: running calls finish, new ones are refused
 
     def count_error(self, kind: str) -> None:
@@ -2446,7 +2756,7 @@ class Relay:
         return {
             "status": "healthy",
             "uptime": f"{time.monotonic() - self.stats.started:.0f}s",
-            "timestamp": now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "timestamp": iso_utc(now),
             "connections": {"active": len(self.calls), "total": self.stats.total},
             "errors": sum(self.stats.errors.values()),
             "openai_configured": True,
@@ -2507,6 +2817,13 @@ class Relay:
                [f"relay_idle_check_ins_total {stats.idle_check_ins}"])
         metric("relay_tool_fillers_total", "counter", "Lines the agent said to fill a slow tool's wait.",
                [f"relay_tool_fillers_total {stats.tool_fillers}"])
+        metric("relay_tokens_total", "counter", "OpenAI tokens, from every response.done (cached: part of input).",
+               [f'relay_tokens_total{{direction="{direction}",kind="{kind}"}} {stats.tokens[f"{direction}_{kind}"]}'
+                for direction, kind in TOKEN_KINDS])
+        metric("relay_reply_seconds", "histogram", "From the caller's end of speech to the answer's first audio.",
+               stats.reply_seconds.lines("relay_reply_seconds"))
+        metric("relay_call_reports_total", "counter", "Call reports sent to CALL_REPORT_URL, by outcome.",
+               labelled("relay_call_reports_total", "outcome", stats.reports))
         return "\n".join(lines) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
@@ -2521,8 +2838,10 @@ class Relay:
         finally:
             self.calls.discard(call)
             self.stats.call_seconds.observe(time.monotonic() - started)
-            call.log.info("call ended (%d active)", len(self.calls))
+            await call.wrap_up(len(self.calls))
 
+
+TOKEN_KINDS = (("input", "text"), ("input", "audio"), ("input", "cached"), ("output", "text"), ("output", "audio"))
 
 # Twilio's webhook fields the TwiML passes on to the call, as <Parameter name=...>s.
 WEBHOOK_PARAMETERS = (("from", "From"), ("to", "To"), ("answered_by", "AnsweredBy"))
@@ -2743,7 +3062,7 @@ class UTCFormatter(logging.Formatter):
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         moment = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
-        return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return iso_utc(moment)
 
 
 def setup_logging(level: str) -> None:
@@ -2863,6 +3182,7 @@ async def main() -> None:
             await drain(relay)
     except ConfigError as error:  # only the binding raises it: nothing has been served yet
         sys.exit(f"relay: configuration error: {error}")
+    await relay.reports.drain(config.drain_seconds)  # the server has closed: every call has sent its report
     stats = relay.stats
     logger.info(
         "stopped: %d call(s) served, %d error(s), up %.0f s",

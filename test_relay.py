@@ -20,6 +20,8 @@ import asyncio
 import base64
 import collections
 import contextlib
+import datetime
+import functools
 import hashlib
 import hmac
 import itertools
@@ -91,8 +93,10 @@ async def eventually(check: Callable[[], bool], limit: float = 5.0) -> None:
 # The fake OpenAI Realtime server --------------------------------------------------
 
 CLIENT_EVENT = pydantic.TypeAdapter(RealtimeClientEvent)
+SUMMARY_TEXT = "The caller asked about an order. Request: where order A-1 is."
 USAGE = {"total_tokens": 120, "input_tokens": 90, "output_tokens": 30,
-         "input_token_details": {"text_tokens": 60, "audio_tokens": 30, "cached_tokens": 20},
+         "input_token_details": {"text_tokens": 60, "audio_tokens": 30, "cached_tokens": 20,
+                                 "cached_tokens_details": {"text_tokens": 12, "audio_tokens": 8}},
          "output_token_details": {"text_tokens": 10, "audio_tokens": 20}}
 
 
@@ -127,6 +131,7 @@ class FakeSession:
         self.active = ""  # the response in progress, as the server has announced it
         self.refused: list[str] = []  # the event_ids of requests refused because one was active
         self.responses = 0
+        self.usages: list[Any] = []  # the usage of each response.done sent, None where it had none
 
     def of_type(self, kind: str) -> list[dict[str, Any]]:
         return [event for event in self.received if event.get("type") == kind]
@@ -144,6 +149,7 @@ class FakeSession:
             self.active = event["response"]["id"]
         elif event["type"] == "response.done":
             self.active = ""
+            self.usages.append(event["response"].get("usage"))
         await self.ws.send(json.dumps(event))
 
     def close_slowly(self) -> None:
@@ -181,11 +187,12 @@ class FakeSession:
                          "response": {"id": response_id, "object": "realtime.response", "status": "in_progress"}})
         return response_id
 
-    async def finish(self, response_id: str = "") -> None:
-        """End the active response (``response.done``), with its usage."""
+    async def finish(self, response_id: str = "", status: str = "completed", output: list[Any] | None = None,
+                     metadata: Any = None) -> None:
+        """End the active response (``response.done``), with its usage and the request's metadata."""
         await self.send({"type": "response.done", "response": {
-            "id": response_id or self.active, "object": "realtime.response", "status": "completed",
-            "output": [], "usage": USAGE}})
+            "id": response_id or self.active, "object": "realtime.response", "status": status,
+            "output": output or [], "usage": USAGE, "metadata": metadata}})
 
     async def refuse(self, request: dict[str, Any]) -> None:
         """The error the GA server gives a response.create while a response is active."""
@@ -197,9 +204,17 @@ class FakeSession:
         self.refused.append(request.get("event_id"))
 
     async def answer(self, request: dict[str, Any]) -> None:
-        """What the GA server does for an accepted response.create: a response, start to end."""
+        """What the GA server does for an accepted response.create: a response, start to end.
+
+        A text-only request gets a text message, as an out-of-band summary does.
+        """
+        options = request.get("response", {})
+        output = []
+        if options.get("output_modalities") == ["text"]:
+            output = [{"type": "message", "role": "assistant", "status": "completed",
+                       "content": [{"type": "output_text", "text": SUMMARY_TEXT}]}]
         await self.begin()
-        await self.finish()
+        await self.finish(output=output, metadata=options.get("metadata"))
 
 
 Responder = Callable[[FakeSession, dict[str, Any]], Awaitable[None]]
@@ -281,6 +296,13 @@ class FakeOpenAI:
         elif kind == "conversation.item.truncate":
             await session.send({"type": "conversation.item.truncated", "item_id": event["item_id"],
                                 "content_index": event["content_index"], "audio_end_ms": event["audio_end_ms"]})
+        elif kind == "response.cancel" and session.active:
+            await session.finish(status="cancelled")
+        elif kind == "response.cancel":
+            await session.send({"type": "error", "event_id": f"event_{len(session.received)}", "error": {
+                "type": "invalid_request_error", "code": "response_cancel_not_active",
+                "message": "Cancellation failed: no active response found", "param": None,
+                "event_id": event.get("event_id")}})
         elif kind == "response.create" and session.active:
             await session.refuse(event)
         elif kind == "response.create":
@@ -607,6 +629,9 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"PUBLIC_URL": "https://relay.example.com/my path"}, "PUBLIC_URL must be a URL like"),
         ({"TWILIO_API_BASE_URL": "https://[api.twilio.com"}, "TWILIO_API_BASE_URL must be a URL like"),
         ({"OPENAI_MODEL": "gpt 4"}, "OPENAI_MODEL must be a model name without spaces"),
+        ({"CALL_SUMMARY": "on"}, "CALL_SUMMARY=on needs CALL_REPORT_URL"),
+        ({"CALL_REPORT_URL": "http://crm.example.com/calls"}, r"CALL_REPORT_URL must be an https:// URL \(plain"),
+        ({"CALL_REPORT_URL": "crm.example.com"}, "CALL_REPORT_URL must be a URL like https://crm.example.com/calls"),
         ({"TURN_DETECTION": "vad"}, "TURN_DETECTION must be one of server_vad, semantic_vad; got 'vad'"),
         ({"VAD_EAGERNESS": "fast"}, "VAD_EAGERNESS must be one of auto, low, medium, high"),
         ({"NOISE_REDUCTION": "none"}, "NOISE_REDUCTION must be one of near_field, far_field, off"),
@@ -1838,13 +1863,13 @@ def test_floor_a_drop_during_a_tool_answers_in_the_new_session() -> None:
 
 def test_floor_hang_up_and_transfer_wait_for_the_floor_then_end_it() -> None:
     floor = play_floor([UP, ("created", (), None), ("tool_started", (), None),
-                        ("end", ("hang_up", "the agent ended the call", "agent"), None),
+                        ("end", ("hang_up", "the agent ended the call", "agent_hung_up"), None),
                         ("tool_finished", (), None), ("new_item", (), None), (NEXT, (), None),
                         ("done", (), "hang_up"), (NEXT, (), None), ("say", ("Goodbye.",), None)])
     assert floor.state == "ENDED"
-    play_floor([UP, ("end", ("transfer", "", "transfer"), None), (NEXT, (), "transfer"), ("ending_failed", (), None),
+    play_floor([UP, ("end", ("transfer", "", "transferred"), None), (NEXT, (), "transfer"), ("ending_failed", (), None),
                 ("new_item", (), None), (NEXT, (), "ask")])  # a failed transfer is told to the agent
-    play_floor([UP, ("created", (), None), ("end", ("hang_up", "", "agent"), None),
+    play_floor([UP, ("created", (), None), ("end", ("hang_up", "", "agent_hung_up"), None),
                 ("lost", (set(),), "hang_up")])  # the session is gone: no answer will come
     play_floor([UP, ("created", (), None), ("end_now", ("hang_up", "time limit", "time_limit"), "hang_up"),
                 ("end_now", ("hang_up", "time limit", "time_limit"), None)])
@@ -1878,8 +1903,8 @@ def test_floor_no_silence_is_filled_while_anything_goes_on() -> None:
     for steps in ([UP, ("created", (), None)],  # a response runs
                   [UP, ("speech_started", (), None)],  # the caller speaks
                   [UP, ("new_item", (), None)],  # something is owed an answer
-                  [UP, ("end", ("transfer", "", "transfer"), None)],  # a transfer waits
-                  [UP, ("end_now", ("hang_up", "", "agent"), "hang_up")],  # a hang-up is under way
+                  [UP, ("end", ("transfer", "", "transferred"), None)],  # a transfer waits
+                  [UP, ("end_now", ("hang_up", "", "agent_hung_up"), "hang_up")],  # a hang-up is under way
                   []):  # no session
         floor = play_floor([*steps, ("silent", ("caller",), None), ("silent", ("tool",), None)])
         assert floor.silence == ""
@@ -3000,6 +3025,373 @@ def test_a_fast_tool_gets_no_filler_line(shop_tools: dict[str, Any]) -> None:
             assert instructions_asked(session) == [None]  # the result only
 
     run(scenario)
+
+
+# After the call: the report, usage, reply latency -----------------------------------------------
+
+
+REPORT_SECRET = "report-secret-for-tests"
+
+
+class FakeReceiver:
+    """A server of the user's that receives call reports, on a loopback port.
+
+    It records each POST, and answers it with the next of ``statuses`` (200 once they are
+    used up), or not at all while ``answering`` is clear.
+    """
+
+    def __init__(self, *statuses: int) -> None:
+        self.statuses = list(statuses)
+        self.posts: list[tuple[dict[str, str], bytes]] = []
+        self.answering = asyncio.Event()
+        self.answering.set()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[FakeReceiver]:
+        server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/calls"
+        async with server:
+            yield self
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        request_line, *lines = head.split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines if line)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        assert request_line.startswith("POST /calls "), request_line
+        self.posts.append((headers, body))
+        await self.answering.wait()
+        status = self.statuses.pop(0) if self.statuses else 200
+        writer.write(f"HTTP/1.1 {status} Fake\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+
+    def reports(self) -> list[dict[str, Any]]:
+        return [json.loads(body) for _, body in self.posts]
+
+
+def readme_verifier() -> Callable[..., bool]:
+    """``verify_relay_signature`` exactly as README gives it to a receiver."""
+    with open(os.path.join(HERE, "README.md")) as file:
+        readme = file.read()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.DOTALL) if "def verify_relay_signature" in b)
+    namespace: dict[str, Any] = {}
+    exec(block, namespace)  # noqa: S102 - README's own example, run as a receiver would run it
+    return namespace["verify_relay_signature"]
+
+
+def usage_sent(sessions: list[FakeSession]) -> dict[str, Any]:
+    """What the report's usage must say: the sum of the usage in every response.done OpenAI sent."""
+    usages = [usage for session in sessions for usage in session.usages]
+
+    def total(*path: str) -> int:
+        return sum(functools.reduce(lambda part, key: part[key], path, usage) for usage in usages if usage)
+
+    return {"responses": len(usages), "inputTokens": total("input_tokens"), "outputTokens": total("output_tokens"),
+            "input": {"text": total("input_token_details", "text_tokens"),
+                      "audio": total("input_token_details", "audio_tokens"),
+                      "cached": total("input_token_details", "cached_tokens"),
+                      "cachedText": total("input_token_details", "cached_tokens_details", "text_tokens"),
+                      "cachedAudio": total("input_token_details", "cached_tokens_details", "audio_tokens")},
+            "output": {"text": total("output_token_details", "text_tokens"),
+                       "audio": total("output_token_details", "audio_tokens")}}
+
+
+ENDINGS = {
+    "caller_hung_up": {},
+    "agent_hung_up": {},
+    "time_limit": {"MAX_CALL_SECONDS": "1"},
+    "silence": {"IDLE_SECONDS": "0.2", "IDLE_PROMPTS": "0"},
+    "transferred": {"TRANSFER_TO": "+15551234567"},
+    "openai_failed": {"SESSION_CONTINUITY": "off"},
+    "twilio_lost": {},
+    "shutdown": {"DRAIN_SECONDS": "0.2"},
+}
+
+
+async def end_the_call(how: str, the_relay: relay.Relay, twilio: FakeTwilio, session: FakeSession) -> None:
+    """End the call the way ``how`` names; time_limit and silence end by themselves."""
+    if how == "caller_hung_up":
+        await twilio.stop()
+    elif how == "agent_hung_up":
+        await call_end_call(session)
+    elif how == "transferred":
+        await function_call(session, "transfer_call", "{}", "call_t")
+        await response_done(session, "resp_1")
+    elif how == "openai_failed":
+        await drop(session, "1011")
+    elif how == "twilio_lost":
+        await twilio.ws.close()  # type: ignore[union-attr]
+    elif how == "shutdown":
+        await relay.drain(the_relay)
+
+
+@pytest.mark.parametrize("how", list(ENDINGS))
+def test_each_call_sends_one_signed_report_that_says_how_it_ended(how: str, caplog: pytest.LogCaptureFixture) -> None:
+    verify = readme_verifier()
+
+    async def scenario() -> None:
+        async with FakeReceiver().running() as receiver:
+            env = {"CALL_REPORT_URL": receiver.url, "CALL_REPORT_SECRET": REPORT_SECRET, **ENDINGS[how]}
+            async with rest_call(respond=FakeSession.answer, **env) as (_, the_relay, twilio, session):
+                await end_the_call(how, the_relay, twilio, session)
+                await twilio.closed.wait()
+                await eventually(lambda: bool(receiver.posts) and not the_relay.reports.sending, limit=10)
+                (report,) = receiver.reports()
+                ((headers, body),) = receiver.posts
+                assert verify(body, headers["x-relay-signature"], REPORT_SECRET)
+                assert not verify(body + b" ", headers["x-relay-signature"], REPORT_SECRET)
+                assert not verify(body, headers["x-relay-signature"], "another secret")
+                assert headers["idempotency-key"] == twilio.call_sid
+                assert headers["content-type"] == "application/json"
+                assert report["ending"] == how
+                assert report["transferredTo"] == ("***4567" if how == "transferred" else None)
+                assert (report["callSid"], report["streamSid"]) == (twilio.call_sid, twilio.stream_sid)
+                assert (report["direction"], report["from"], report["to"], report["answeredBy"]) == (
+                    "inbound", None, None, None)
+                assert report["parameters"] == {"caller": "+15550001111"}
+                started, ended = (datetime.datetime.fromisoformat(report[key])
+                                  for key in ("startedAt", "endedAt"))
+                assert report["startedAt"].endswith("Z") and started < ended
+                assert report["durationSeconds"] == pytest.approx((ended - started).total_seconds(), abs=0.002)
+                assert report["usage"] == usage_sent([session])
+                assert report["openaiSessions"] == 1 and report["reconnects"] == 0
+                numbers = await metrics(the_relay)
+                assert numbers['relay_call_reports_total{outcome="delivered"}'] == 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert sum(f"call ended: {how}, " in r.getMessage() for r in caplog.records) == 1
+    assert sum("call report delivered" in r.getMessage() and "CA" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_report_holds_the_conversation_tools_recording_and_summary(
+    shop_tools: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    secrets = (API_KEY, API_SECRET, AUTH_TOKEN, "mcp-token-for-tests", REPORT_SECRET)
+
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        async with fake.running(), FakeTwilioRest().running() as rest, FakeReceiver().running() as receiver:
+            env = {**rest.env(), "GREETING": "", "RECORD_CALLS": "on", "CALL_SUMMARY": "on",
+                   "CALL_REPORT_URL": receiver.url, "CALL_REPORT_SECRET": REPORT_SECRET,
+                   "TWILIO_AUTH_TOKEN": AUTH_TOKEN, "MCP_SERVER_URL": "https://mcp.example.com/mcp",
+                   "MCP_AUTHORIZATION": "mcp-token-for-tests"}
+            async with running_relay(fake, shop_tools["tools"], **env) as (the_relay, url):
+                twilio = FakeTwilio(url)
+                rest.streams[twilio.call_sid] = twilio
+                await twilio.open(headers={"X-Twilio-Signature": twilio_signature(url)})
+                session = await fake.session()
+                await eventually(lambda: all(configured(call) for call in the_relay.calls) and bool(rest.requests))
+                await caller_said(session, "item_c1", "Where is my order A-1?")
+                await agent_begins(session, "resp_a", "item_a1")
+                await session.say("item_a1", speech(1, 10), "resp_a")  # 1 s of audio
+                await function_call(session, "opening_hours", "{}", "call_1", "resp_a")
+                await session.send({"type": "response.output_item.done", "response_id": "resp_a", "output_index": 1,
+                                    "item": {"id": "item_mcp", "type": "mcp_call", "server_label": "tools",
+                                             "name": "lookup", "arguments": "{}", "output": "A-1 shipped"}})
+                await agent_transcript(session, "item_a1", "Let me check. It shipped yesterday and it will arrive")
+                await response_done(session, "resp_a")
+                await eventually(lambda: twilio.played_bytes >= 2400)
+                await caller_said(session, "item_c2", "Thanks, bye.")  # over the agent: a barge-in
+                await eventually(lambda: twilio.clears == 1)
+                await twilio.stop()
+                await twilio.closed.wait()
+                await eventually(lambda: bool(receiver.posts) and not the_relay.reports.sending, limit=10)
+                (report,) = receiver.reports()
+                assert report["transcript"] == [
+                    {"role": "caller", "text": "Where is my order A-1?", "interrupted": False},
+                    {"role": "agent", "text": "Let me check. It shipped yesterday and it will arrive",
+                     "interrupted": True},
+                    {"role": "caller", "text": "Thanks, bye.", "interrupted": False},
+                ]
+                (mcp, tool) = report["tools"]  # in the order they finished
+                assert (tool["name"], tool["outcome"], type(tool["durationMs"])) == ("opening_hours", "ok", int)
+                assert mcp == {"name": "lookup", "outcome": "ok", "durationMs": None, "server": "tools"}
+                assert report["bargeIns"] == 1 and report["recordingSid"] == "RE" + "d4" * 16
+                assert report["summary"] == SUMMARY_TEXT
+                summary = session.of_type("response.create")[-1]
+                assert summary == {"type": "response.create", "event_id": "relay_summary", "response": {
+                    "conversation": "none", "output_modalities": ["text"],
+                    "instructions": relay.SUMMARY_INSTRUCTIONS, "metadata": {"relay": "summary"}}}
+                assert report["usage"] == usage_sent([session])  # the summary's response included
+                assert report["ending"] == "caller_hung_up"
+                body = receiver.posts[0][1].decode()
+                assert not [secret for secret in secrets if secret in body]
+                numbers = await metrics(the_relay)
+                assert numbers['relay_tokens_total{direction="output",kind="audio"}'] == report["usage"]["output"][
+                    "audio"]
+                assert numbers['relay_tokens_total{direction="input",kind="cached"}'] == report["usage"]["input"][
+                    "cached"]
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    lines = [r.getMessage() for r in caplog.records]
+    assert not [secret for secret in secrets for line in lines if secret in line]
+    assert not any("Where is my order" in line for line in lines if "report" in line)  # never the body
+
+
+def test_a_summary_that_never_comes_delays_the_report_only_by_its_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "SUMMARY_TIMEOUT", 0.5)
+
+    async def silent_on_summaries(session: FakeSession, request: dict[str, Any]) -> None:
+        if request.get("event_id") != "relay_summary":
+            await session.answer(request)
+
+    async def scenario() -> None:
+        async with FakeReceiver().running() as receiver:
+            env = {"CALL_REPORT_URL": receiver.url, "CALL_REPORT_SECRET": REPORT_SECRET, "CALL_SUMMARY": "on"}
+            async with rest_call(respond=silent_on_summaries, **env) as (_, _, twilio, session):
+                await twilio.stop()
+                await eventually(lambda: bool(receiver.posts), limit=5)
+                (report,) = receiver.reports()
+                assert report["summary"] is None and report["ending"] == "caller_hung_up"
+                assert session.of_type("response.create")[-1]["event_id"] == "relay_summary"
+                await session.ws.wait_closed()  # OpenAI was closed all the same
+
+    run(scenario)
+
+
+def test_a_summary_asked_while_the_agent_speaks_cancels_the_answer_first() -> None:
+    async def scenario() -> None:
+        async with FakeReceiver().running() as receiver:
+            env = {"CALL_REPORT_URL": receiver.url, "CALL_REPORT_SECRET": REPORT_SECRET, "CALL_SUMMARY": "on"}
+            async with rest_call(respond=FakeSession.answer, **env) as (_, _, twilio, session):
+                await session.begin()  # the agent is speaking when the caller hangs up
+                await eventually(lambda: bool(session.active))
+                await asyncio.sleep(0.1)
+                await twilio.stop()
+                await eventually(lambda: bool(receiver.posts), limit=5)
+                kinds = [event["type"] for event in session.received]
+                assert kinds[-2:] == ["response.cancel", "response.create"]
+                assert receiver.reports()[0]["summary"] == SUMMARY_TEXT
+                assert not session.refused
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("statuses", "posts", "outcome"), [
+    ((500,), 2, "delivered"),  # a server error is retried
+    ((429, 503), 3, "delivered"),
+    ((400,), 1, "failed"),  # any other 4xx is final
+    ((500, 500, 500, 500), 4, "failed"),  # three more tries, then it gives up
+])
+def test_reports_are_retried_after_server_errors_only(
+    statuses: tuple[int, ...], posts: int, outcome: str, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(relay, "REPORT_RETRY_DELAYS", (0.05, 0.05, 0.05))
+
+    async def scenario() -> None:
+        async with FakeReceiver(*statuses).running() as receiver, rest_call(
+                CALL_REPORT_URL=receiver.url, CALL_REPORT_SECRET=REPORT_SECRET) as (_, the_relay, twilio, _):
+            await twilio.stop()
+            await eventually(lambda: the_relay.stats.reports[outcome] == 1, limit=5)
+            await asyncio.sleep(0.3)
+            assert len(receiver.posts) == posts
+            assert len({headers["idempotency-key"] for headers, _ in receiver.posts}) == 1
+            assert len({body for _, body in receiver.posts}) == 1  # the same report each time
+            numbers = await metrics(the_relay)
+            assert numbers[f'relay_call_reports_total{{outcome="{outcome}"}}'] == 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    if outcome == "failed":
+        (line,) = errors
+        assert f"call report for CA{1:032d} could not be delivered: HTTP {statuses[-1]}" in line
+    else:
+        assert not errors
+
+
+def test_a_report_to_a_server_that_is_down_is_retried_then_counted_as_failed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(relay, "REPORT_RETRY_DELAYS", (0.05, 0.05, 0.05))
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens there once it is closed
+
+    async def scenario() -> None:
+        async with rest_call(CALL_REPORT_URL=f"http://127.0.0.1:{port}/calls") as (_, the_relay, twilio, _):
+            await twilio.stop()
+            await eventually(lambda: the_relay.stats.reports["failed"] == 1, limit=5)
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert sum("call report not delivered yet: no answer" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_reports_on_their_way_at_shutdown_get_drain_seconds_then_an_error_line(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(relay, "REPORT_TIMEOUT", 1.0)
+
+    async def scenario() -> None:
+        async with FakeReceiver().running() as receiver:
+            receiver.answering.clear()  # the receiver hangs
+            async with rest_call(CALL_REPORT_URL=receiver.url, CALL_REPORT_SECRET=REPORT_SECRET) as (
+                    _, the_relay, twilio, _):
+                await twilio.stop()
+                await eventually(lambda: bool(receiver.posts), limit=5)
+                await the_relay.reports.drain(0.2)
+                assert the_relay.stats.reports["failed"] == 1 and not the_relay.reports.sending
+                receiver.answering.set()
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any(r.levelno == logging.ERROR and r.getMessage() == f"call report for CA{1:032d} could not be delivered "
+               "before shutdown" for r in caplog.records)
+
+
+def test_a_report_url_without_a_secret_is_allowed_with_a_warning() -> None:
+    config = relay.load_config({"OPENAI_API_KEY": API_KEY, "CALL_REPORT_URL": "https://crm.example.com/calls"})
+    assert config.call_report_url == "https://crm.example.com/calls"
+    assert any("without CALL_REPORT_SECRET: reports go unsigned" in warning for warning in config.warnings)
+    assert "report" not in repr(config).lower()  # the secret, like every other, stays out of reprs
+    signed = relay.load_config({"OPENAI_API_KEY": API_KEY, "CALL_REPORT_URL": "https://crm.example.com/calls",
+                                "CALL_REPORT_SECRET": REPORT_SECRET})
+    assert signed.warnings == () and REPORT_SECRET not in repr(signed)
+    # A report turns on the input transcription its transcript needs, also without continuity.
+    for env, transcribed in (({"SESSION_CONTINUITY": "off"}, False),
+                             ({"SESSION_CONTINUITY": "off", "CALL_REPORT_URL": "https://crm.example.com/c"}, True)):
+        config = relay.load_config({"OPENAI_API_KEY": API_KEY, **env})
+        update = relay.session_update(config, relay.persona_for_call(config, {}), BUILT_IN_TOOLS, "session_update_1")
+        assert ("transcription" in update["session"]["audio"]["input"]) is transcribed
+
+
+def test_the_reply_latency_is_observed_once_per_answered_turn() -> None:
+    async def answer(session: FakeSession, response_id: str, item: int) -> None:
+        await response_created(session, response_id)
+        await session.say(f"item_{item}", speech(item, 3), response_id)  # three chunks: one observation
+        await response_done(session, response_id)
+
+    async def scenario() -> None:
+        async with one_call(IDLE_SECONDS="0") as (_, the_relay, twilio, session):
+            for turn in (1, 2):
+                await caller_said(session, f"item_c{turn}", "Hello?")
+                await answer(session, f"resp_{turn}", turn)
+                await eventually(lambda turn=turn: len(twilio.media) == 3 * turn)  # type: ignore[misc]
+            await press(twilio, "5")  # answered too, but not after the caller's speech
+            await eventually(lambda: bool(session.of_type("response.create")))
+            await answer(session, "resp_3", 3)
+            await eventually(lambda: len(twilio.media) == 9)
+            numbers = await metrics(the_relay)
+            assert numbers["relay_reply_seconds_count"] == 2
+            assert numbers['relay_reply_seconds_bucket{le="+Inf"}'] == 2
+
+    run(scenario)
+
+
+def test_a_new_session_is_told_the_newest_turns_and_the_report_keeps_them_all() -> None:
+    transcript = relay.Transcript()
+    for turn in range(300):
+        transcript.write(f"item_{turn}", "user" if turn % 2 else "assistant", f"turn {turn}")
+    transcript.note("system", "The opening_hours tool was called with {} and returned: 9 to 5")
+    items = transcript.items()
+    assert len(items) == relay.MEMORY_TURNS
+    assert items[-2]["item"]["content"][0]["text"] == "turn 299"  # the note comes last
+    assert [turn["text"] for turn in transcript.spoken()] == [f"turn {turn}" for turn in range(300)]
 
 
 # The load benchmark, at a small scale ----------------------------------------------------------
