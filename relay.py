@@ -45,6 +45,7 @@ import re
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -2557,8 +2558,8 @@ def report_signature(secret: str, body: bytes, timestamp: int) -> str:
 def post_report(config: Config, call_sid: str, body: bytes) -> tuple[str, bool]:
     """One try at delivering a report; return what went wrong ("" for nothing) and whether to retry.
 
-    Blocking (urllib): run it with ``asyncio.to_thread``. Signed afresh for each try, so
-    that a receiver may refuse an old timestamp.
+    Blocking (urllib): run it with ``in_a_thread_of_its_own``. Signed afresh for each try,
+    so that a receiver may refuse an old timestamp.
     """
     headers = {"Content-Type": "application/json", "Idempotency-Key": call_sid, "User-Agent": "relay.py"}
     if config.call_report_secret:
@@ -2572,6 +2573,36 @@ def post_report(config: Config, call_sid: str, body: bytes) -> tuple[str, bool]:
         return f"HTTP {error.code}", error.code == 429 or error.code >= 500
     except (OSError, ValueError) as error:  # refused, unreachable, timed out
         return f"no answer ({error})", True
+
+
+async def in_a_thread_of_its_own(function: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking ``function`` in a daemon thread, which never holds up the relay's exit.
+
+    The threads of ``asyncio.to_thread`` are waited for at exit: a report to a receiver that
+    hangs would keep a stopping relay alive for the whole REPORT_TIMEOUT after its drain.
+    """
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if finished.done():  # cancelled meanwhile
+            return
+        if error is None:
+            finished.set_result(result)
+        else:
+            finished.set_exception(error)
+
+    def work() -> None:
+        result, error = None, None
+        try:
+            result = function(*args)
+        except BaseException as problem:  # handed to the awaiting task, as to_thread does
+            error = problem
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, daemon=True).start()
+    return await finished
 
 
 class CallReports:
@@ -2591,7 +2622,7 @@ class CallReports:
         """Try, and try again after a network error, a timeout, 429 or 5xx; never log the body."""
         pauses = iter(REPORT_RETRY_DELAYS)
         while True:
-            problem, retry = await asyncio.to_thread(post_report, self.config, call_sid, body)
+            problem, retry = await in_a_thread_of_its_own(post_report, self.config, call_sid, body)
             if not problem:
                 self.stats.reports["delivered"] += 1
                 log.info("call report delivered")

@@ -3888,6 +3888,31 @@ def test_sigterm_drains_running_calls_then_closes_them_with_1012() -> None:
     run(scenario)
 
 
+def test_sigterm_gives_reports_drain_seconds_then_logs_those_that_could_not_go() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, FakeReceiver().running() as receiver:
+            receiver.answering.clear()  # a receiver that hangs
+            process = await start_relay_process({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": fake.base_url,
+                                                 "DRAIN_SECONDS": "1", "CALL_REPORT_URL": receiver.url,
+                                                 "CALL_REPORT_SECRET": REPORT_SECRET})
+            port, _ = await read_port(process)
+            twilio = await FakeTwilio(f"ws://127.0.0.1:{port}/media-stream").open()
+            await fake.session()
+            await twilio.stop()
+            await eventually(lambda: bool(receiver.posts))
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(8):  # well before a try's 10 s timeout: the relay does not wait for it
+                _, stderr = await process.communicate()
+            assert process.returncode == 0
+            assert b"delivering 1 call report(s), for up to 1 s" in stderr
+            assert f"ERROR relay: call report for {twilio.call_sid} could not be delivered before shutdown".encode() in stderr
+            assert REPORT_SECRET.encode() not in stderr and b"customParameters" not in stderr
+            receiver.answering.set()
+            await twilio.shutdown()
+
+    run(scenario)
+
+
 # Load benchmark ------------------------------------------------------------------------------------
 #
 #   python test_relay.py bench [--calls 50,100,150,200,250] [--seconds 20] [--profile steady|realistic]
