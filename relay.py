@@ -75,6 +75,14 @@ DEFAULT_INSTRUCTIONS = (
     "say a short goodbye and then call the end_call tool to hang up."
 )
 DEFAULT_GREETING = "Hi, this is Tessa. How can I help you today?"
+# A different agent for each of your Twilio numbers, as the /twiml webhook answers them: the
+# number a call came in on (for `relay.py call`, the number it is made from) -> that agent's
+# "instructions", "greeting" and "voice", the same names as the call's <Parameter>s. A number
+# that is not here gets the agent above. A <Parameter> in the TwiML itself wins over its entry.
+AGENTS: dict[str, dict[str, str]] = {
+    # "+15551230001": {"instructions": "You are Max, the assistant of Rosa's Bakery. ...",
+    #                  "greeting": "Rosa's Bakery, this is Max. What can I do for you?", "voice": "cedar"},
+}
 # Added to the default instructions when TRANSFER_TO is set.
 TRANSFER_INSTRUCTIONS = (
     " When the caller asks for a person, or you cannot help them, tell them you are "
@@ -105,6 +113,11 @@ TOOL_FILLER = (
 SUMMARY_INSTRUCTIONS = (
     "The phone call has ended. For the business's records, summarise it in two or three sentences of "
     "English, then give the caller's request in one line that begins with 'Request:'."
+)
+# When `relay.py call --voicemail "MESSAGE"` reaches an answering machine, after its beep.
+VOICEMAIL_INSTRUCTIONS = (
+    "You have reached an answering machine, and it is recording now. Say exactly this message, "
+    "then call the end_call tool: "
 )
 # On a new OpenAI session (SESSION_CONTINUITY), if the agent owed an answer.
 PICK_UP_AFTER_DROP = (
@@ -578,9 +591,26 @@ class Persona:
     instructions: str
     voice: str
     greeting: str
+    voicemail: str = ""  # a message to leave on an answering machine: then there is nobody to hear
 
 
-PERSONA_PARAMETERS = ("instructions", "greeting", "voice")  # <Parameter> names that override settings
+AGENT_SETTINGS = ("instructions", "greeting", "voice")  # what a call's <Parameter>s, or AGENTS, may set
+PERSONA_PARAMETERS = (*AGENT_SETTINGS, "voicemail")  # <Parameter> names that are not call details
+
+
+def check_agents(agents: Mapping[str, Mapping[str, str]]) -> None:
+    """Refuse an AGENTS table that would fail on a call: E.164 numbers, known names and voices."""
+    for number, agent in agents.items():
+        where = f"AGENTS[{number!r}] in relay.py"
+        if not isinstance(number, str) or not re.fullmatch(E164, number):
+            raise ConfigError(f"{where}: the key must be one of your Twilio numbers in E.164 form, like +15551230001")
+        unknown = sorted(set(agent) - set(AGENT_SETTINGS))
+        if unknown:
+            raise ConfigError(f"{where}: {', '.join(map(repr, unknown))} is not one of {', '.join(AGENT_SETTINGS)}")
+        if not all(isinstance(value, str) for value in agent.values()):
+            raise ConfigError(f"{where}: every value must be a string")
+        if agent.get("voice", VOICES[0]) not in VOICES:
+            raise ConfigError(f"{where}: voice must be one of {', '.join(VOICES)}; got {agent['voice']!r}")
 
 
 def persona_for_call(config: Config, parameters: Mapping[str, str]) -> Persona:
@@ -597,7 +627,15 @@ def persona_for_call(config: Config, parameters: Mapping[str, str]) -> Persona:
         instructions=instructions,
         voice=voice if voice in VOICES else config.voice,
         greeting=parameters.get("greeting", config.greeting).strip(),
+        voicemail=parameters.get("voicemail", "").strip(),
     )
+
+
+def greeting_instructions(persona: Persona) -> str:
+    """What the agent is asked to say first: the greeting, or the message for an answering machine."""
+    if persona.voicemail:
+        return VOICEMAIL_INSTRUCTIONS + persona.voicemail
+    return f"Greet the caller by saying exactly this: {persona.greeting}"
 
 
 def offered_tools(config: Config, tools: Mapping[str, Tool]) -> list[dict[str, Any]]:
@@ -639,7 +677,8 @@ def session_update(config: Config, persona: Persona, tools: Mapping[str, Tool], 
     """
     audio_input: dict[str, Any] = {
         "format": {"type": "audio/pcmu"},
-        "turn_detection": turn_detection(config),
+        # An answering machine's beeps and hiss must neither interrupt the message nor be answered.
+        "turn_detection": None if persona.voicemail else turn_detection(config),
         "noise_reduction": None if config.noise_reduction == "off" else {"type": config.noise_reduction},
     }
     if config.log_transcripts or config.session_continuity or config.call_report_url:  # keep the caller's words
@@ -949,7 +988,7 @@ class End:
 
     kind: str  # "hang_up" or "transfer"
     reason: str  # for the log
-    cause: str  # how the call ended, in one word (see how_it_ended): agent_hung_up, time_limit, silence...
+    cause: str  # how the call ended, in one word (see how_it_ended): agent_hung_up, voicemail, silence...
 
 
 Decision = dict[str, Any] | End | None  # a response.create to send, an ending to begin, or nothing
@@ -1003,7 +1042,7 @@ class Floor:
         lost(kept)          the session is gone with its items, request and response
         ready()             a session is up
         say(instructions)   ask now if nothing is being said or asked, else not at all
-        greet(text)         say() once per call, once a session is up
+        greet(instructions) say() once per call, once a session is up
         pick_up(line)       a new session's first request, sent before what was kept for it
     """
 
@@ -1080,11 +1119,11 @@ class Floor:
             return None
         return self.ask(instructions)
 
-    def greet(self, greeting: str) -> dict[str, Any] | None:
+    def greet(self, instructions: str) -> dict[str, Any] | None:
         if self.greeted or not self.session:
             return None
         self.greeted = True
-        return self.say(f"Greet the caller by saying exactly this: {greeting}")
+        return self.say(instructions)
 
     def pick_up(self, line: str) -> dict[str, Any]:
         return self.new_request(line, covered=False)
@@ -1983,7 +2022,7 @@ def how_it_ended(ending: End | None, ended: bool, openai_failed: bool, twilio_st
     shutdown, or a lost connection.
     """
     if ending is not None and ended:
-        return ending.cause  # agent_hung_up, time_limit, silence or transferred
+        return ending.cause  # agent_hung_up, voicemail, time_limit, silence or transferred
     if openai_failed:
         return "openai_failed"
     if twilio_stopped:
@@ -2430,10 +2469,19 @@ class Call:
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
 
     async def greet(self) -> None:
-        """Have the agent speak first, once the session is configured and the stream has started."""
+        """Have the agent speak first, once the session is configured and the stream has started.
+
+        On an answering machine, the first words are the whole call: it ends once they have played.
+        """
         session = self.link.session
-        if self.persona.greeting and self.stream_sid and session is not None and session.configured:
-            await self.carry_out(self.floor.greet(self.persona.greeting))
+        persona = self.persona
+        if not (persona.greeting or persona.voicemail) or not self.stream_sid or session is None or not session.configured:
+            return
+        request = self.floor.greet(greeting_instructions(persona))
+        if request is not None and persona.voicemail:
+            self.log.info("leaving the voicemail message")
+            self.floor.end("hang_up", "the voicemail message has been left", "voicemail")
+        await self.carry_out(request)
 
     async def on_openai_error(self, session: OpenAISession, event: dict[str, Any]) -> None:
         """Errors mean OpenAI ignored something we sent (a bad field keeps the old config)."""
@@ -2537,6 +2585,7 @@ class Stats:
     transfers: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     hang_ups: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    answered_by: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     tokens: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # see token_counts
     reports: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reply_seconds: Histogram = dataclasses.field(
@@ -2651,9 +2700,11 @@ class CallReports:
 class Relay:
     """Accepts Twilio's WebSockets, answers plain HTTP routes, and counts what happens."""
 
-    def __init__(self, config: Config, tools: Mapping[str, Tool] = TOOLS) -> None:
+    def __init__(self, config: Config, tools: Mapping[str, Tool] = TOOLS,
+                 agents: Mapping[str, Mapping[str, str]] = AGENTS) -> None:
         self.config = config
         self.tools = tools  # the agent's tools: relay.py's own, unless a test brings its set
+        self.agents = agents  # the agent of each number (AGENTS), for /twiml
         self.stats = Stats()
         self.calls: set[Call] = set()
         self.warm = WarmSessions(config, tools)
@@ -2699,8 +2750,9 @@ class Relay:
         if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket, form):
             return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
         if path == "/twiml" and not websocket:
-            query = urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)
-            return text_response(self.twiml(request, dict(form if request.method == "POST" else query)), "text/xml")
+            query = urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query, keep_blank_values=True)
+            fields = dict(form if request.method == "POST" else query)
+            return text_response(self.twiml(request, fields, dict(query)), "text/xml")
         if self.draining or len(self.calls) >= self.config.max_calls:
             reason, why = ("draining", "The relay is shutting down") if self.draining else ("capacity", "Too many calls")
             response = self.refuse(connection, request, reason, 503, f"{why}; try again soon.\n")
@@ -2758,18 +2810,34 @@ class Relay:
                 return True
         return False
 
-    def twiml(self, request: Request, fields: Mapping[str, str]) -> str:
-        """TwiML that connects a call to this relay, for the phone number's webhook (GET or POST).
+    def twiml(self, request: Request, fields: Mapping[str, str], query: Mapping[str, str]) -> str:
+        """TwiML for a call: connect it to this relay, or hang up on a machine (GET or POST).
 
         Twilio's webhook fields (the query of a GET, the form of a POST) say who is calling
-        whom, and for an outbound call whether a person or a machine answered; passing them
-        on as ``<Parameter>``s lets the agent and the tools know it too.
+        whom, and for an outbound call with answering machine detection who answered.
+        Passed on as ``<Parameter>``s, with the number's entry in AGENTS and the URL's own
+        fields (``relay.py call`` writes them; Twilio's own start with a capital), they let
+        the agent and the tools know it too.
         """
         call_sid = fields.get("CallSid", "")
-        logger.info("TwiML for call %s (%s /twiml)", call_sid if re.fullmatch(r"CA[0-9a-f]{32}", call_sid) else "-",
-                    request.method)
+        call = call_sid if re.fullmatch(r"CA[0-9a-f]{32}", call_sid) else "-"
+        own = {name: value for name, value in query.items() if name[:1].islower()}
+        voicemail = own.pop("voicemail", "")
+        answered_by = fields.get("AnsweredBy", "")
+        if answered_by:
+            self.stats.answered_by[answered_by if answered_by in ANSWERED_BY else "other"] += 1
+        machine = answered_by.startswith("machine") and bool(voicemail)
+        answer = f", answered by {answered_by[:40]}" if answered_by else ""
+        if answered_by == "fax" or (machine and voicemail == "hangup"):
+            logger.info("TwiML for call %s (%s /twiml)%s: hanging up", call, request.method, answer)
+            return '<?xml version="1.0" encoding="UTF-8"?>\n<Response><Hangup/></Response>\n'
+        logger.info("TwiML for call %s (%s /twiml)%s%s", call, request.method, answer,
+                    ": the agent leaves the voicemail message" if machine else "")
+        ours = fields.get("From" if own.get("direction") == "outbound" else "To", "")
+        parameters = {**self.agents.get(ours, {}),
+                      **{name: fields[field] for name, field in WEBHOOK_PARAMETERS if field in fields},
+                      **own, **({"voicemail": voicemail} if machine else {})}
         stream_url = self.public_origin(request, websocket=True) + "/media-stream"
-        parameters = {name: fields[field] for name, field in WEBHOOK_PARAMETERS if field in fields}
         return (
             '<?xml version="1.0" encoding="UTF-8"?>\n<Response>\n'
             f"  {connect_stream(stream_url, parameters)}\n"
@@ -2853,6 +2921,8 @@ class Relay:
                 for direction, kind in TOKEN_KINDS])
         metric("relay_reply_seconds", "histogram", "From the caller's end of speech to the answer's first audio.",
                stats.reply_seconds.lines("relay_reply_seconds"))
+        metric("relay_outbound_answered_total", "counter", "Outbound calls by who answered (AnsweredBy).",
+               labelled("relay_outbound_answered_total", "answered_by", stats.answered_by))
         metric("relay_call_reports_total", "counter", "Call reports sent to CALL_REPORT_URL, by outcome.",
                labelled("relay_call_reports_total", "outcome", stats.reports))
         return "\n".join(lines) + "\n"
@@ -2874,6 +2944,9 @@ class Relay:
 
 TOKEN_KINDS = (("input", "text"), ("input", "audio"), ("input", "cached"), ("output", "text"), ("output", "audio"))
 
+# Twilio's answers to answering machine detection; anything else is counted as "other".
+ANSWERED_BY = ("human", "machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax",
+               "unknown")
 # Twilio's webhook fields the TwiML passes on to the call, as <Parameter name=...>s.
 WEBHOOK_PARAMETERS = (("from", "From"), ("to", "To"), ("answered_by", "AnsweredBy"))
 
@@ -3188,6 +3261,7 @@ async def main() -> None:
     load_dotenv()
     try:
         config = load_config(os.environ)
+        check_agents(AGENTS)
     except ConfigError as error:
         sys.exit(f"relay: configuration error: {error}")
     setup_logging(config.log_level)
@@ -3221,11 +3295,13 @@ async def main() -> None:
     )
 
 
-def place_call(to: str, greeting: str | None, instructions: str | None, params: list[str]) -> None:
+def place_call(to: str, greeting: str | None, instructions: str | None, params: list[str],
+               voicemail: str | None) -> None:
     """``relay.py call``: have Twilio dial ``to`` and connect the answered call to this relay.
 
     The running relay (wherever PUBLIC_URL points) takes the call like any other; the
-    ``<Parameter>``s tell it the call is outbound and carry the per-call values.
+    ``<Parameter>``s tell it the call is outbound and carry the per-call values. With
+    ``voicemail``, Twilio first finds out who answered (see outbound_call_fields).
     """
     load_dotenv()
     try:
@@ -3249,14 +3325,11 @@ def place_call(to: str, greeting: str | None, instructions: str | None, params: 
             parameters[name.strip()] = value
         parameters.update({name: value for name, value in (("greeting", greeting), ("instructions", instructions))
                            if value is not None})
+        fields = {"To": to, "From": caller_id, **outbound_call_fields(public_url, parameters, voicemail)}
     except ConfigError as error:
         sys.exit(f"relay: {error}")
-    twiml = (
-        f"<Response>{connect_stream(media_stream_url(public_url), parameters)}"
-        f"<Say>{xml.sax.saxutils.escape(CUT_OFF_MESSAGE)}</Say><Hangup/></Response>"
-    )
     try:
-        reply = twilio_post(account, "Calls.json", {"To": to, "From": caller_id, "Twiml": twiml})
+        reply = twilio_post(account, "Calls.json", fields)
     except TwilioError as error:
         sys.exit(f"relay: Twilio did not place the call: {error}")
     sid = reply.get("sid")
@@ -3264,6 +3337,39 @@ def place_call(to: str, greeting: str | None, instructions: str | None, params: 
         sys.exit("relay: Twilio's answer has no Call SID, so the call may not have been placed: "
                  "check the call log in the Twilio console (and TWILIO_API_BASE_URL)")
     sys.stdout.write(f"{sid}\n")
+
+
+TWILIO_URL_LIMIT = 4000  # characters Twilio takes in a call's Url, and in its inline Twiml
+
+
+def outbound_call_fields(public_url: str, parameters: dict[str, str], voicemail: str | None) -> dict[str, str]:
+    """What Twilio is told to do once the call is answered.
+
+    Without ``voicemail``: connect the stream at once (inline ``Twiml``). With it, Twilio
+    runs answering machine detection first, waiting for the end of a machine's greeting,
+    then fetches ``/twiml`` with the call's parameters in the query and adds ``AnsweredBy``:
+    the relay then connects a person, leaves the message on a machine (or hangs up on it
+    with ``hangup``), and needs no state of its own. Twilio's POST callback of asynchronous
+    detection is not used: it would have to reach the very instance that holds the call.
+    """
+    if voicemail is None:
+        twiml = (f"<Response>{connect_stream(media_stream_url(public_url), parameters)}"
+                 f"<Say>{xml.sax.saxutils.escape(CUT_OFF_MESSAGE)}</Say><Hangup/></Response>")
+        if len(twiml) > TWILIO_URL_LIMIT:
+            raise ConfigError(f"the call's TwiML would be {len(twiml)} characters, and Twilio takes at most "
+                              f"{TWILIO_URL_LIMIT}: shorten --instructions, --greeting or the --params")
+        return {"Twiml": twiml}
+    if not voicemail.strip():
+        raise ConfigError('--voicemail takes the message to leave, or "hangup"')
+    for name in parameters:
+        if not name[:1].islower():
+            raise ConfigError(f"with --voicemail, a --param name must start with a lowercase letter (Twilio's own "
+                              f"fields start with a capital); got {name!r}")
+    url = f"{public_url}/twiml?{urllib.parse.urlencode({**parameters, 'voicemail': voicemail.strip()})}"
+    if len(url) > TWILIO_URL_LIMIT:
+        raise ConfigError(f"the call's /twiml URL would be {len(url)} characters, and Twilio takes at most "
+                          f"{TWILIO_URL_LIMIT}: shorten --instructions, --greeting, --voicemail or the --params")
+    return {"Url": url, "Method": "GET", "MachineDetection": "DetectMessageEnd"}
 
 
 def command_line(argv: list[str]) -> None:
@@ -3288,9 +3394,12 @@ def command_line(argv: list[str]) -> None:
     call.add_argument("--instructions", help="the agent's instructions for this call")
     call.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                       help="a call detail for the agent and the tools (repeatable)")
+    call.add_argument("--voicemail", metavar='"MESSAGE"|hangup',
+                      help="detect answering machines (Twilio AMD, about 2-4 s of silence for a person who "
+                      "answers): leave MESSAGE after the beep, or hang up on them with hangup")
     args = parser.parse_args(argv)
     if args.command == "call":
-        place_call(args.number, args.greeting, args.instructions, args.param)
+        place_call(args.number, args.greeting, args.instructions, args.param, args.voicemail)
     else:
         asyncio.run(main())
 

@@ -513,10 +513,10 @@ async def running_relay(fake: FakeOpenAI, tools: Mapping[str, relay.Tool] | None
                         **env: str) -> AsyncIterator[tuple[relay.Relay, str]]:
     """The real relay, in process, on a loopback port; yields it and its WebSocket URL.
 
-    Its tools are the relay's own two, or ``tools``: never whatever a user has added to
-    relay.py, so the suite passes however the agent is customised.
+    Its tools are the relay's own two, or ``tools``, and its AGENTS table is empty: never
+    whatever a user has added to relay.py, so the suite passes however the agent is customised.
     """
-    the_relay = relay.Relay(relay_config(fake, **env), BUILT_IN_TOOLS if tools is None else tools)
+    the_relay = relay.Relay(relay_config(fake, **env), BUILT_IN_TOOLS if tools is None else tools, {})
     async with relay.serve_calls(the_relay, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         the_relay.port = port  # type: ignore[attr-defined]
@@ -2352,7 +2352,8 @@ def test_twiml_answers_twilios_post_webhook_and_checks_its_signature(caplog: pyt
             stream = ElementTree.fromstring(answer).find("Connect/Stream")
             assert stream.get("url") == "wss://relay.example.com/media-stream"
             assert [(p.get("name"), p.get("value")) for p in stream.findall("Parameter")] == [
-                ("from", "+15550001111"), ("to", "+15559998888"), ("answered_by", "human")]
+                ("from", "+15550001111"), ("to", "+15559998888"), ("answered_by", "human"),
+                ("tenant", "7")]  # the webhook URL's own fields are passed on too
             with_port = post_signature("https://relay.example.com:443/twiml", WEBHOOK_FORM)
             assert (await exchange(port, post_request("/twiml", body, {**proxied, "X-Twilio-Signature": with_port})))[0] == 200
             tampered = body.replace("human", "machine_start")
@@ -2371,7 +2372,7 @@ def test_twiml_answers_twilios_post_webhook_and_checks_its_signature(caplog: pyt
     with caplog.at_level(logging.INFO, logger="relay"):
         run(scenario)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines.count(f"TwiML for call CA{'ab' * 16} (POST /twiml)") == 3
+    assert lines.count(f"TwiML for call CA{'ab' * 16} (POST /twiml), answered by human") == 3
     assert not any("+1555" in line for line in lines)  # the numbers are personal data
 
 
@@ -3404,6 +3405,203 @@ def test_the_benchmark_runs_and_the_relay_loses_nothing(profile: str) -> None:
     assert result["frames"] > 6 * 2 * 50 * 0.5
     assert (result["lost"], result["reordered"]) == (0, 0)
     assert result["relay_cpu"] > 0 and result["kib_per_call"] > 0
+
+
+# Outbound calls that reach voicemail, and an agent for each number --------------------------------
+
+
+MESSAGE = "Hi Ann, this is Tessa from the clinic: your glasses are ready. Goodbye!"
+CALLEE, OUR_NUMBER = "+15553334444", "+15550002222"
+
+
+def stream_parameters(twiml: bytes) -> dict[str, str] | None:
+    """The <Parameter>s of the TwiML's <Connect><Stream>, or None if it does not connect."""
+    stream = ElementTree.fromstring(twiml).find("Connect/Stream")
+    return None if stream is None else {p.get("name", ""): p.get("value", "") for p in stream.findall("Parameter")}
+
+
+async def signed_twiml(port: int, query: str, **twilio_fields: str) -> bytes:
+    """GET /twiml as Twilio fetches a call's Url: its own fields appended, the whole URL signed."""
+    path = "/twiml?" + "&".join(part for part in (query, urllib.parse.urlencode(twilio_fields)) if part)
+    status, body = await raw_request(port, path, {"Host": "relay.example.com", "X-Forwarded-Proto": "https",
+                                                  "X-Twilio-Signature": twilio_signature(
+                                                      "https://relay.example.com" + path)}, websocket=False)
+    assert status == 200, body
+    return body
+
+
+async def placed_call(args: list[str]) -> dict[str, str]:
+    """Run ``relay.py call`` against the fake REST API; return the Calls.json form it posted."""
+    async with FakeTwilioRest().running() as rest:
+        env = {**rest.env(), "TWILIO_PHONE_NUMBER": OUR_NUMBER, "PUBLIC_URL": "https://relay.example.com"}
+        process = await run_call_command(args, env)
+        _, stderr = await process.communicate()
+        assert process.returncode == 0, stderr
+        ((path, fields),) = rest.requests
+        assert path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls.json"
+        return fields
+
+
+@pytest.mark.parametrize(("answered_by", "wanted"), [
+    ("human", "connect"), ("unknown", "connect"),  # AMD could not tell: a person is the safer guess
+    ("machine_end_beep", "message"), ("machine_end_silence", "message"), ("machine_end_other", "message"),
+    ("fax", "hang up"),
+])
+def test_relay_py_call_voicemail_detects_machines_and_twiml_answers_by_who_answered(
+    answered_by: str, wanted: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        fields = await placed_call([CALLEE, "--voicemail", MESSAGE, "--greeting", "Hi Ann!", "--param", "order=A-1"])
+        assert set(fields) == {"To", "From", "Url", "Method", "MachineDetection"}  # no inline Twiml
+        assert (fields["Method"], fields["MachineDetection"]) == ("GET", "DetectMessageEnd")
+        url = urllib.parse.urlsplit(fields["Url"])
+        assert (url.scheme, url.netloc, url.path) == ("https", "relay.example.com", "/twiml")
+        assert dict(urllib.parse.parse_qsl(url.query)) == {
+            "direction": "outbound", "order": "A-1", "greeting": "Hi Ann!", "voicemail": MESSAGE}
+        async with FakeOpenAI().running() as fake, running_relay(fake, TWILIO_AUTH_TOKEN=AUTH_TOKEN) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            body = await signed_twiml(port, url.query, CallSid="CA" + "ab" * 16, From=OUR_NUMBER, To=CALLEE,
+                                      AnsweredBy=answered_by, Direction="outbound-api")
+            parameters = stream_parameters(body)
+            base = {"direction": "outbound", "order": "A-1", "greeting": "Hi Ann!", "from": OUR_NUMBER, "to": CALLEE,
+                    "answered_by": answered_by}
+            if wanted == "connect":
+                assert parameters == base  # the person hears the agent's greeting, as on any call
+            elif wanted == "message":
+                assert parameters == {**base, "voicemail": MESSAGE}
+            else:
+                assert parameters is None and [child.tag for child in ElementTree.fromstring(body)] == ["Hangup"]
+            numbers = await metrics(the_relay)
+            assert numbers[f'relay_outbound_answered_total{{answered_by="{answered_by}"}}'] == 1
+            assert not fake.sessions  # /twiml dials nobody
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any(f"answered by {answered_by}" in r.getMessage() for r in caplog.records)
+    assert not any(MESSAGE in r.getMessage() for r in caplog.records)
+
+
+def test_relay_py_call_voicemail_hangup_hangs_up_on_machines_only() -> None:
+    async def scenario() -> None:
+        fields = await placed_call([CALLEE, "--voicemail", "hangup"])
+        query = urllib.parse.urlsplit(fields["Url"]).query
+        async with FakeOpenAI().running() as fake, running_relay(fake, TWILIO_AUTH_TOKEN=AUTH_TOKEN) as (the_relay, _):
+            port = the_relay.port  # type: ignore[attr-defined]
+            machine = await signed_twiml(port, query, From=OUR_NUMBER, To=CALLEE, AnsweredBy="machine_end_beep")
+            assert [child.tag for child in ElementTree.fromstring(machine)] == ["Hangup"]
+            person = await signed_twiml(port, query, From=OUR_NUMBER, To=CALLEE, AnsweredBy="human")
+            assert stream_parameters(person) == {"direction": "outbound", "from": OUR_NUMBER, "to": CALLEE,
+                                                 "answered_by": "human"}
+
+    run(scenario)
+
+
+def test_without_voicemail_an_outbound_call_is_connected_at_once_as_before() -> None:
+    async def scenario() -> None:
+        fields = await placed_call([CALLEE])
+        assert set(fields) == {"To", "From", "Twiml"}  # no detection: nobody waits for it
+
+    run(scenario)
+
+
+def test_a_machine_hears_the_message_in_the_agents_voice_then_the_relay_hangs_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    heard: list[tuple[int, int]] = []
+    phones: list[FakeTwilio] = []
+
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        fake.respond = speaking_for(8, heard, phones)
+        async with fake.running(), FakeTwilioRest().running() as rest:
+            async with running_relay(fake, None, **rest.env(), GREETING="") as (the_relay, url):
+                twilio = FakeTwilio(url)
+                rest.streams[twilio.call_sid] = twilio
+                phones.append(twilio)
+                await twilio.open(start=False)
+                session = await fake.session()
+                await eventually(lambda: all(configured(call) for call in the_relay.calls))
+                await twilio.start(customParameters={"direction": "outbound", "greeting": "Hi Ann!",
+                                                     "answered_by": "machine_end_beep", "voicemail": MESSAGE})
+                await twilio.closed.wait()
+                update = session.of_type("session.update")[-1]["session"]
+                assert update["audio"]["input"]["turn_detection"] is None  # its beeps cannot interrupt the message
+                assert "voicemail" not in update["instructions"] and MESSAGE not in update["instructions"]
+                assert instructions_asked(session) == [relay.VOICEMAIL_INSTRUCTIONS + MESSAGE]  # not the greeting
+                assert rest.requests[-1][1] == {"Status": "completed"}
+                assert rest.played_at_request == [8 * CHUNK_MS * 8]  # hung up once the message had played
+                assert (await metrics(the_relay))['relay_hang_ups_total{cause="voicemail"}'] == 1
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("hanging up: the voicemail message has been left" in r.getMessage() for r in caplog.records)
+
+
+BAKERY, GARAGE = "+15551230001", "+15551230002"
+AGENTS = {BAKERY: {"instructions": "You are Max, the bakery's assistant.", "greeting": "Bakery, Max speaking.",
+                   "voice": "cedar"},
+          GARAGE: {"greeting": "Garage, how can we help?"}}
+
+
+def test_twiml_gives_each_number_its_agent_and_a_parameter_in_the_url_wins() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, relay.serve_calls(
+                relay.Relay(relay_config(fake), BUILT_IN_TOOLS, AGENTS), "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+
+            async def parameters(path: str) -> dict[str, str] | None:
+                status, body = await raw_request(port, path, {"Host": "relay.example.com"}, websocket=False)
+                assert status == 200
+                return stream_parameters(body)
+
+            assert await parameters(f"/twiml?From=%2B15550001111&To={urllib.parse.quote(BAKERY)}") == {
+                **AGENTS[BAKERY], "from": "+15550001111", "to": BAKERY}
+            assert await parameters(f"/twiml?From=%2B15550001111&To={urllib.parse.quote(GARAGE)}") == {
+                **AGENTS[GARAGE], "from": "+15550001111", "to": GARAGE}
+            assert await parameters("/twiml?From=%2B15550001111&To=%2B15559998888") == {
+                "from": "+15550001111", "to": "+15559998888"}  # not in the table: the default agent
+            bakery = urllib.parse.quote(BAKERY)
+            won = await parameters(f"/twiml?greeting=Hello+from+the+URL&From=%2B15550001111&To={bakery}")
+            assert won is not None and won["greeting"] == "Hello from the URL" and won["voice"] == "cedar"
+            # An outbound call made from the bakery's number gets the bakery's agent.
+            outbound = await parameters(f"/twiml?direction=outbound&From={urllib.parse.quote(BAKERY)}&To=%2B15553334444")
+            assert outbound is not None and outbound["greeting"] == "Bakery, Max speaking."
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(("agents", "complaint"), [
+    ({"5551230001": {"greeting": "Hi"}}, r"AGENTS\['5551230001'\] in relay.py: the key must be one of your Twilio"),
+    ({BAKERY: {"voice": "Alloy"}}, r"voice must be one of alloy, ash"),
+    ({BAKERY: {"persona": "x"}}, r"'persona' is not one of instructions, greeting, voice"),
+    ({BAKERY: {"greeting": 5}}, r"every value must be a string"),
+])
+def test_bad_agents_are_refused_at_start_up(agents: dict[str, Any], complaint: str) -> None:
+    with pytest.raises(relay.ConfigError, match=complaint):
+        relay.check_agents(agents)
+    relay.check_agents(AGENTS)  # the examples above are fine
+    relay.check_agents(relay.AGENTS)  # and so is relay.py's own table, whatever a user has put in it
+
+
+@pytest.mark.parametrize(("args", "complaint"), [
+    ([CALLEE, "--voicemail", "hangup", "--instructions", "Be brief. " * 400],
+     "the call's /twiml URL would be 4[0-9]{3} characters, and Twilio takes at most 4000: shorten"),
+    ([CALLEE, "--instructions", "Be brief. " * 400], "the call's TwiML would be 4[0-9]{3} characters"),
+    ([CALLEE, "--voicemail", MESSAGE, "--param", "Order=A-1"],
+     "with --voicemail, a --param name must start with a lowercase letter"),
+    ([CALLEE, "--voicemail", " "], '--voicemail takes the message to leave, or "hangup"'),
+])
+def test_relay_py_call_refuses_what_twilio_would_refuse(args: list[str], complaint: str) -> None:
+    async def scenario() -> None:
+        async with FakeTwilioRest().running() as rest:
+            env = {**rest.env(), "TWILIO_PHONE_NUMBER": OUR_NUMBER, "PUBLIC_URL": "https://relay.example.com"}
+            process = await run_call_command(args, env)
+            stdout, stderr = await process.communicate()
+            assert process.returncode != 0 and stdout == b"" and not rest.requests
+            assert re.search(complaint, stderr.decode()), stderr
+            assert len(stderr.strip().splitlines()) == 1
+
+    run(scenario)
 
 
 # A call survives OpenAI: session continuity, /ready --------------------------------------------------
