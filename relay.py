@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -310,6 +311,8 @@ class Config:
     call_report_url: str = ""
     call_report_secret: str = dataclasses.field(default="", repr=False)
     call_summary: bool = False
+    browser_phone: bool = False
+    browser_phone_token: str = dataclasses.field(default="", repr=False)
     warnings: tuple[str, ...] = ()  # settings that are allowed but may not do what was meant
 
     def __repr__(self) -> str:
@@ -526,6 +529,12 @@ def load_config(env: Mapping[str, str]) -> Config:
     call_summary = _switch(env, "CALL_SUMMARY", False)
     if call_summary and not report_url:
         raise ConfigError("CALL_SUMMARY=on needs CALL_REPORT_URL: the summary goes into the call's report")
+    browser_phone = _switch(env, "BROWSER_PHONE", False)
+    phone_token = env.get("BROWSER_PHONE_TOKEN", "").strip()
+    if phone_token and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", phone_token):
+        # Never echo a secret, not even a wrong one.
+        raise ConfigError(f"BROWSER_PHONE_TOKEN must be at least 16 letters, digits, - or _ (it goes in a URL); "
+                          f"this value is not ({len(phone_token)} characters)")
     warnings = _turn_detection_warnings(env, turn_detection)
     if report_url and not report_secret:
         warnings += (("CALL_REPORT_URL is set without CALL_REPORT_SECRET: reports go unsigned, so the "
@@ -577,6 +586,9 @@ def load_config(env: Mapping[str, str]) -> Config:
         call_report_url=report_url,
         call_report_secret=report_secret,
         call_summary=call_summary,
+        browser_phone=browser_phone,
+        # Made afresh at each start when not given: the start-up line shows the page's URL with it.
+        browser_phone_token=(phone_token or secrets.token_urlsafe(18)) if browser_phone else "",
         warnings=warnings,
     )
 
@@ -1876,7 +1888,7 @@ class CallControl:
         call = self.call
         call.relay.stats.hang_ups[end.cause] += 1
         call.log.info("hanging up: %s", end.reason)
-        if call.config.twilio_rest and call.call_sid:
+        if call.config.twilio_rest and call.call_sid and not call.browser:
             with contextlib.suppress(TwilioError):
                 await self.twilio_rest("hang up", "", {"Status": "completed"})
         await call.phone.twilio.close(1000, "call ended")
@@ -1885,6 +1897,8 @@ class CallControl:
         """Have Twilio dial TRANSFER_TO for this caller; Twilio then stops the stream."""
         call = self.call
         target = masked(call.config.transfer_to)
+        if call.browser:
+            return "the browser phone cannot be transferred to a phone number"
         call.log.info("transferring to %s", target)
         try:
             await self.twilio_rest("transfer", "", {"Twiml": transfer_twiml(call.config)})
@@ -1932,6 +1946,7 @@ class ToolRunner:
             self.call.floor.owe()  # OpenAI ran it, but does not answer with its result by itself
             error = item.get("error")
             self.call.record.tool(str(item.get("name")), "error" if error else "ok", None, str(item.get("server_label")))
+            await self.call.show({"event": "tool", **self.call.record.tools[-1]})
             outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
             self.call.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
                           outcome if error else "ok")
@@ -1946,6 +1961,7 @@ class ToolRunner:
         self.call.relay.stats.tool_calls[name if name in self.call.relay.tools else "unknown", outcome] += 1
         self.call.relay.stats.tool_seconds.observe(seconds)
         self.call.record.tool(name, outcome, seconds)
+        await self.call.show({"event": "tool", **self.call.record.tools[-1]})
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
         summary = tool_note(name, item.get("arguments"), output)
         self.call.transcript.note("system", summary)
@@ -2099,9 +2115,10 @@ class Call:
     (the ``<Parameter>``s of the TwiML) say which call it is, and ``log`` names it.
     """
 
-    def __init__(self, relay: Relay, twilio: ServerConnection, number: int) -> None:
+    def __init__(self, relay: Relay, twilio: ServerConnection, number: int, browser: bool = False) -> None:
         self.relay = relay
         self.number = number
+        self.browser = browser  # the browser phone (/phone), not Twilio: no REST, and the page is shown more
         self.call_sid = ""
         self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.parameters: dict[str, str] = {}  # the stream's <Parameter>s
@@ -2126,6 +2143,11 @@ class Call:
     @property
     def stream_sid(self) -> str:
         return self.phone.stream_sid
+
+    @property
+    def direction(self) -> str:
+        """inbound, outbound (relay.py call) or browser (/phone)."""
+        return "browser" if self.browser else self.parameters.get("direction", "inbound")
 
     @property
     def label(self) -> str:
@@ -2208,7 +2230,7 @@ class Call:
         return {
             "callSid": self.call_sid,
             "streamSid": self.stream_sid,
-            "direction": parameters.get("direction", "inbound"),
+            "direction": self.direction,
             "from": parameters.get("from"),
             "to": parameters.get("to"),
             "answeredBy": parameters.get("answered_by"),
@@ -2335,14 +2357,16 @@ class Call:
         if isinstance(parameters, dict):
             self.parameters = {str(name): str(value) for name, value in parameters.items()}
         self.phone.start(start["streamSid"])
+        self.relay.stats.directions[self.direction] += 1
         # Names only: the values may be personal data.
-        self.log.info("stream started (custom parameters: %s)", ", ".join(sorted(self.parameters)) or "none")
+        self.log.info("stream started (direction %s, custom parameters: %s)", self.direction,
+                      ", ".join(sorted(self.parameters)) or "none")
         voice = self.parameters.get("voice")
         if voice is not None and voice not in VOICES:
             self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
         self.persona = persona_for_call(self.config, self.parameters)
         self.dead_air.restart()  # the line is open: a caller who says nothing is timed from now
-        if self.config.record_calls and self.call_sid:
+        if self.config.record_calls and self.call_sid and not self.browser:
             self.spawn(self.control.record())
         session = self.link.session
         if session is not None and session.told is not None:  # the session was configured before "start"
@@ -2452,9 +2476,9 @@ class Call:
         elif kind in MCP_EVENTS:
             self.tool_runner.on_mcp_event(kind, event)
         elif kind == "conversation.item.input_audio_transcription.completed":
-            self.on_transcript("user", "caller", event)
+            await self.on_transcript("user", "caller", event)
         elif kind == "response.output_audio_transcript.done":
-            self.on_transcript("assistant", "agent", event)
+            await self.on_transcript("assistant", "agent", event)
 
     async def on_caller_speech(self) -> None:
         """Barge-in: stop the phone playing the agent, and tell OpenAI what the caller heard."""
@@ -2464,6 +2488,7 @@ class Call:
         await self.link.outbox.send({"type": "conversation.item.truncate", "item_id": cut.item_id,
                                      "content_index": cut.content_index, "audio_end_ms": cut.heard_ms})
         self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
+        await self.show_turn(cut.item_id)
         self.relay.stats.barge_ins += 1
         self.record.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
@@ -2502,7 +2527,7 @@ class Call:
             return
         await self.carry_out(self.floor.refused(about, str(error.get("code"))))
 
-    def on_transcript(self, role: str, who: str, event: dict[str, Any]) -> None:
+    async def on_transcript(self, role: str, who: str, event: dict[str, Any]) -> None:
         """Keep what was said for a new session; log it only if LOG_TRANSCRIPTS asks."""
         text, item_id = event.get("transcript"), event.get("item_id")
         if not isinstance(text, str) or not isinstance(item_id, str):
@@ -2510,6 +2535,19 @@ class Call:
         self.transcript.write(item_id, role, text)
         if self.config.log_transcripts:
             self.log.info("%s: %s", who, text)
+        await self.show_turn(item_id)
+
+    async def show(self, event: dict[str, Any]) -> None:
+        """On a browser call, tell the page what happened: events that Twilio's protocol has not."""
+        if self.browser:
+            with contextlib.suppress(ConnectionClosed):
+                await self.phone.twilio.send(json.dumps(event))
+
+    async def show_turn(self, key: str) -> None:
+        turn = self.transcript.turns.get(key)
+        if turn is not None and turn.text:
+            await self.show({"event": "transcript", "id": key, "role": "caller" if turn.role == "user" else "agent",
+                             "text": turn.text, "interrupted": turn.heard is not None})
 
     # The clock, and REST call control
 
@@ -2586,6 +2624,7 @@ class Stats:
     reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     hang_ups: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     answered_by: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    directions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     tokens: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # see token_counts
     reports: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     reply_seconds: Histogram = dataclasses.field(
@@ -2741,13 +2780,20 @@ class Relay:
             status = 200 if readiness["status"] == "ready" else 503
             return json_response(readiness, status, head=request.method == "HEAD")
         websocket = request.method == "GET" and header(request, "Upgrade").lower() == "websocket"
-        if path != "/twiml" and not websocket:
+        if path in ("/phone", "/browser-phone"):
+            refusal = self.browser_phone_refusal(connection, request, path, websocket)
+            if refusal is not None:
+                return refusal
+            if path == "/phone":
+                return text_response(PHONE_PAGE, "text/html; charset=utf-8")
+        elif path != "/twiml" and not websocket:
             return connection.respond(
                 426,
                 "This is a Twilio Media Streams endpoint: point <Stream url=\"wss://...\"> "
                 "at it. TwiML: /twiml  Health check: /health\n",
             )
-        if self.config.twilio_auth_token and not self.signed_by_twilio(request, websocket, form):
+        if path != "/browser-phone" and self.config.twilio_auth_token and not self.signed_by_twilio(
+                request, websocket, form):
             return self.refuse(connection, request, "signature", 403, "Invalid Twilio signature.\n")
         if path == "/twiml" and not websocket:
             query = urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query, keep_blank_values=True)
@@ -2758,6 +2804,24 @@ class Relay:
             response = self.refuse(connection, request, reason, 503, f"{why}; try again soon.\n")
             response.headers["Retry-After"] = "5"
             return response
+        return None
+
+    def browser_phone_refusal(self, connection: ServerConnection, request: Request, path: str,
+                              websocket: bool) -> Response | None:
+        """The browser phone's page and its call need BROWSER_PHONE=on and the token, checked in constant time.
+
+        A refusal comes before any OpenAI dial: the token is all that stands between the
+        page and the owner's OpenAI key. Twilio's path keeps its own signature check.
+        """
+        if not self.config.browser_phone:
+            return connection.respond(404, "The browser phone is off: set BROWSER_PHONE=on to serve /phone.\n")
+        token = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(request.path).query)).get("token", "")
+        if not hmac.compare_digest(token.encode(), self.config.browser_phone_token.encode()):
+            status = 403 if websocket else 401
+            return self.refuse(connection, request, "token", status, "A wrong or missing token: open the URL the "
+                               "relay logged at start-up.\n")
+        if path == "/browser-phone" and not websocket:
+            return connection.respond(426, "This is the browser phone's WebSocket: open /phone in a browser.\n")
         return None
 
     def posted_form(self, connection: ServerConnection, request: Request) -> list[tuple[str, str]] | Response:
@@ -2884,6 +2948,8 @@ class Relay:
 
         metric("relay_calls_active", "gauge", "Calls in progress.", [f"relay_calls_active {len(self.calls)}"])
         metric("relay_calls_total", "counter", "Calls accepted.", [f"relay_calls_total {stats.total}"])
+        metric("relay_calls_started_total", "counter", "Streams started, by direction (browser: /phone).",
+               labelled("relay_calls_started_total", "direction", stats.directions))
         metric("relay_calls_refused_total", "counter", "Handshakes refused, by reason.",
                labelled("relay_calls_refused_total", "reason", stats.refused))
         metric("relay_call_duration_seconds", "histogram", "Length of finished calls.",
@@ -2930,9 +2996,11 @@ class Relay:
     async def handle(self, twilio: ServerConnection) -> None:
         """Carry one call from accept to hang-up."""
         self.stats.total += 1
-        call = Call(self, twilio, self.stats.total)
+        browser = twilio.request is not None and urllib.parse.urlsplit(twilio.request.path).path == "/browser-phone"
+        call = Call(self, twilio, self.stats.total, browser)
         self.calls.add(call)
-        call.log.info("Twilio connected from %s (%d active)", remote_address(twilio), len(self.calls))
+        call.log.info("%s connected from %s (%d active)", "The browser phone" if browser else "Twilio",
+                      remote_address(twilio), len(self.calls))
         started = time.monotonic()
         try:
             await call.run()
@@ -3253,6 +3321,10 @@ def say_what_to_do_next(relay: Relay, port: int) -> None:
         logger.info("Twilio: set your number's \"A call comes in\" webhook to https://<public address>/twiml "
                     "(GET or POST), where <public address> reaches port %d (e.g. ngrok http %d); calls then "
                     "stream to wss://<public address>/media-stream. Set PUBLIC_URL to see it here", port, port)
+    if config.browser_phone:
+        phone = f"/phone?token={config.browser_phone_token}"
+        logger.info("browser phone: open http://localhost:%d%s to talk to the agent (for trying and debugging, "
+                    "not for the public)%s", port, phone, f", or {config.public_url}{phone}" if config.public_url else "")
     tools = ", ".join(tool_names(offered_tools(config, relay.tools))) or "none"
     logger.info("agent: model %s, voice %s, tools: %s", config.openai_model, config.voice, tools)
 
@@ -3402,6 +3474,369 @@ def command_line(argv: list[str]) -> None:
         place_call(args.number, args.greeting, args.instructions, args.param, args.voicemail)
     else:
         asyncio.run(main())
+
+
+# The browser phone (BROWSER_PHONE=on): one page, served at /phone, that calls the agent from the
+# microphone through the very path a phone call takes, speaking Twilio's Media Streams protocol.
+PHONE_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Browser phone</title>
+<style>
+  body { font: 15px/1.4 system-ui, sans-serif; max-width: 640px; margin: 2em auto; padding: 0 1em; color: #222; }
+  .note { color: #666; }
+  label { display: block; margin: 0.8em 0 0.2em; font-size: 0.9em; color: #444; }
+  input, textarea { width: 100%; box-sizing: border-box; font: inherit; padding: 0.4em; border: 1px solid #bbb; border-radius: 4px; }
+  button { font: inherit; padding: 0.5em 1.2em; border: 1px solid #999; border-radius: 4px; background: #f4f4f4; cursor: pointer; }
+  button:disabled { opacity: 0.4; cursor: default; }
+  #call { background: #2a7; color: #fff; } #hangup { background: #c33; color: #fff; }
+  .row { display: flex; gap: 0.6em; align-items: center; margin: 1em 0; }
+  .keypad { display: grid; grid-template-columns: repeat(3, 3.5em); gap: 0.4em; }
+  .meter { flex: 1; height: 0.7em; border-radius: 4px; --level: 0;
+           background: linear-gradient(to right, #2a7 calc(var(--level) * 100%), #e4e4e4 0); }
+  .row > span:first-child { width: 3.5em; font-size: 0.85em; color: #555; }
+  #transcript { border: 1px solid #ddd; border-radius: 4px; padding: 0.5em; height: 16em; overflow-y: auto; }
+  .line { margin: 0.2em 0; } .caller { color: #135; } .agent { color: #262; }
+  .tool { color: #777; font: 0.85em ui-monospace, monospace; }
+</style>
+</head>
+<body>
+<h1>Browser phone</h1>
+<p class="note">Calls the voice agent from your microphone, like a phone call. For trying and debugging the agent, not for the public.</p>
+<label for="caller">caller number</label>
+<input id="caller" placeholder="+15550001111">
+<label for="params">parameters (name=value per line)</label>
+<textarea id="params" rows="3"></textarea>
+<div class="row">
+  <button id="call">Call</button> <button id="hangup" disabled>Hang up</button> <b id="state">idle</b>
+</div>
+<div class="keypad">
+  <button class="key" data-digit="1">1</button><button class="key" data-digit="2">2</button><button class="key" data-digit="3">3</button>
+  <button class="key" data-digit="4">4</button><button class="key" data-digit="5">5</button><button class="key" data-digit="6">6</button>
+  <button class="key" data-digit="7">7</button><button class="key" data-digit="8">8</button><button class="key" data-digit="9">9</button>
+  <button class="key" data-digit="*">*</button><button class="key" data-digit="0">0</button><button class="key" data-digit="#">#</button>
+</div>
+<div class="row"><span>mic</span><div class="meter" id="mic-level"></div></div>
+<div class="row"><span>agent</span><div class="meter" id="agent-level"></div></div>
+<div id="transcript"></div>
+
+<script>
+// Audio worklets run on the audio thread; they are loaded from this string via a Blob URL.
+const WORKLET_CODE = `
+const OUT_RATE = 8000; // G.711 telephone rate
+const TAPS = 47;       // low-pass filter length
+
+// Windowed-sinc low-pass at ~3.4 kHz, so decimating to 8 kHz does not alias.
+function makeLowPass(rate) {
+  const fc = 3400 / rate, mid = (TAPS - 1) / 2, h = new Float32Array(TAPS);
+  for (let i = 0; i < TAPS; i++) {
+    const n = i - mid;
+    const sinc = n === 0 ? 2 * fc : Math.sin(2 * Math.PI * fc * n) / (Math.PI * n);
+    h[i] = sinc * (0.54 - 0.46 * Math.cos(2 * Math.PI * i / (TAPS - 1))); // Hamming window
+  }
+  const sum = h.reduce((a, b) => a + b);
+  return h.map((v) => v / sum); // unity gain at DC
+}
+
+// Standard G.711 mu-law encoder: float in [-1, 1] -> one byte.
+function muLawEncode(sample) {
+  let pcm = Math.round(Math.max(-1, Math.min(1, sample)) * 32767);
+  const sign = pcm < 0 ? 0x80 : 0;
+  pcm = Math.min(Math.abs(pcm), 32635) + 0x84;
+  let exponent = 7;
+  for (let mask = 0x4000; (pcm & mask) === 0 && exponent > 0; mask >>= 1) exponent--;
+  const mantissa = (pcm >> (exponent + 3)) & 0x0f;
+  return ~(sign | (exponent << 4) | mantissa) & 0xff;
+}
+
+// Microphone -> filter -> 8 kHz -> 160-byte mu-law frames (20 ms) posted to the page.
+class Capture extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.taps = makeLowPass(sampleRate);
+    this.history = new Float32Array(TAPS); // ring buffer of recent input samples
+    this.pos = 0;
+    this.step = sampleRate / OUT_RATE;     // input samples per output sample
+    this.t = 0;                            // next output time, in input samples after this.prev
+    this.prev = 0;                         // previous filtered sample
+    this.frame = new Uint8Array(160);
+    this.count = this.sumSq = this.levelCount = 0;
+  }
+  filter(x) {
+    this.history[this.pos] = x;
+    this.pos = (this.pos + 1) % TAPS;
+    let y = 0;
+    for (let i = 0; i < TAPS; i++) y += this.taps[i] * this.history[(this.pos + i) % TAPS];
+    return y;
+  }
+  emit(s) {
+    this.frame[this.count++] = muLawEncode(s);
+    if (this.count === 160) {
+      this.port.postMessage({ frame: this.frame }, [this.frame.buffer]);
+      this.frame = new Uint8Array(160);
+      this.count = 0;
+    }
+    this.sumSq += s * s;
+    if (++this.levelCount === OUT_RATE / 10) { // ~10 level updates per second
+      this.port.postMessage({ level: Math.sqrt(this.sumSq / this.levelCount) });
+      this.sumSq = this.levelCount = 0;
+    }
+  }
+  process(inputs) {
+    const input = inputs[0][0];
+    for (let i = 0; input && i < input.length; i++) {
+      const y = this.filter(input[i]);
+      // Emit every output sample that falls between prev (t = 0) and y (t = 1).
+      for (; this.t < 1; this.t += this.step) this.emit(this.prev + (y - this.prev) * this.t);
+      this.t -= 1;
+      this.prev = y;
+    }
+    return true;
+  }
+}
+
+// Queue of 8 kHz agent audio, played at the context rate, with marks at queue positions.
+class Playback extends AudioWorkletProcessor {
+  constructor() {
+    super();
+    this.chunks = [];                   // Float32Arrays, in arrival order
+    this.offset = 0;                    // read index in chunks[0]
+    this.written = this.taken = 0;      // total samples ever queued / ever played
+    this.marks = [];                    // { name, at }: reached once taken >= at
+    this.step = OUT_RATE / sampleRate;
+    this.frac = this.a = this.b = 0;    // output position between 8 kHz samples a and b
+    this.sumSq = this.levelCount = 0;
+    this.port.onmessage = (e) => this.receive(e.data);
+  }
+  receive(msg) {
+    if (msg.samples) {
+      this.chunks.push(msg.samples);
+      this.written += msg.samples.length;
+    } else if (msg.mark !== undefined) {
+      this.marks.push({ name: msg.mark, at: this.written });
+      this.postReachedMarks(); // nothing queued: echo at once
+    } else if (msg.clear) {
+      this.chunks = [];
+      this.offset = 0;
+      this.written = this.taken;
+      for (const mark of this.marks) this.port.postMessage({ played: mark.name }); // all at once, in order
+      this.marks = [];
+    }
+  }
+  postReachedMarks() {
+    while (this.marks.length && this.marks[0].at <= this.taken) {
+      this.port.postMessage({ played: this.marks.shift().name });
+    }
+  }
+  nextSample() {
+    while (this.chunks.length) {
+      if (this.offset < this.chunks[0].length) {
+        this.taken++;
+        return this.chunks[0][this.offset++];
+      }
+      this.chunks.shift();
+      this.offset = 0;
+    }
+    return 0; // queue empty: silence
+  }
+  process(inputs, outputs) {
+    const out = outputs[0][0];
+    for (let i = 0; i < out.length; i++) {
+      out[i] = this.a + (this.b - this.a) * this.frac; // linear interpolation
+      for (this.frac += this.step; this.frac >= 1; this.frac -= 1) {
+        this.a = this.b;
+        this.b = this.nextSample();
+      }
+      this.sumSq += out[i] * out[i];
+    }
+    this.postReachedMarks();
+    this.levelCount += out.length;
+    if (this.levelCount >= sampleRate / 10) {
+      this.port.postMessage({ level: Math.sqrt(this.sumSq / this.levelCount) });
+      this.sumSq = this.levelCount = 0;
+    }
+    return true;
+  }
+}
+
+registerProcessor("capture", Capture);
+registerProcessor("playback", Playback);
+`;
+const WORKLET_URL = URL.createObjectURL(new Blob([WORKLET_CODE], { type: "application/javascript" }));
+
+const ACCOUNT_SID = "AC" + "0".repeat(32);
+const $ = (id) => document.getElementById(id);
+window.phone = { marksEchoed: [], framesSent: 0, state: "idle" };
+let call = null;                 // current call: { ws, ctx, stream, player, streamSid, callSid, seq, chunk, error }
+let transcriptLines = new Map(); // transcript id -> line element
+
+// G.711 mu-law byte -> float sample, precomputed for all 256 bytes.
+function muLawDecode(byte) {
+  const u = ~byte & 0xff;
+  const exponent = (u >> 4) & 7, mantissa = u & 0x0f;
+  const magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
+  return (u & 0x80 ? -magnitude : magnitude) / 32768;
+}
+const MULAW_TABLE = Float32Array.from({ length: 256 }, (_, b) => muLawDecode(b));
+
+const randomHex = (n) => Array.from(crypto.getRandomValues(new Uint8Array(n / 2)), (b) => b.toString(16).padStart(2, "0")).join("");
+const toBase64 = (bytes) => btoa(String.fromCharCode(...bytes));
+const fromBase64 = (text) => Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
+const isLive = () => call && call.seq > 0 && call.ws.readyState === WebSocket.OPEN; // "start" was sent
+
+function setState(text) {
+  $("state").textContent = window.phone.state = text;
+  const busy = text === "connecting" || text === "in call";
+  $("call").disabled = busy;
+  $("hangup").disabled = !busy;
+}
+
+function setLevel(id, rms) {
+  $(id).style.setProperty("--level", Math.min(1, Math.sqrt(rms) * 1.5)); // sqrt: speech is quiet
+}
+
+// Every event after "connected" carries a string sequence number and the stream id.
+function send(event, body) {
+  call.ws.send(JSON.stringify({ event, sequenceNumber: String(++call.seq), streamSid: call.streamSid, ...body }));
+}
+
+function customParameters() {
+  const params = {};
+  const from = $("caller").value.trim();
+  if (from) params.from = from;
+  for (const line of $("params").value.split("\n")) {
+    const eq = line.indexOf("=");
+    const name = line.slice(0, Math.max(eq, 0)).trim();
+    if (name) params[name] = line.slice(eq + 1).trim();
+  }
+  return params;
+}
+
+function sendStart() {
+  call.ws.send(JSON.stringify({ event: "connected", protocol: "Call", version: "1.0.0" }));
+  send("start", { start: {
+    streamSid: call.streamSid, callSid: call.callSid, accountSid: ACCOUNT_SID, tracks: ["inbound"],
+    customParameters: customParameters(),
+    mediaFormat: { encoding: "audio/x-mulaw", sampleRate: 8000, channels: 1 },
+  } });
+  setState("in call");
+}
+
+function sendFrame(frame) {
+  if (!isLive()) return;
+  const k = ++call.chunk;
+  send("media", { media: { track: "inbound", chunk: String(k), timestamp: String(k * 20), payload: toBase64(frame) } });
+  window.phone.framesSent++;
+}
+
+function echoMark(name) {
+  if (!isLive()) return;
+  send("mark", { mark: { name } });
+  window.phone.marksEchoed.push(name);
+}
+
+function addLine(kind, text) {
+  const line = document.createElement("div");
+  line.className = "line " + kind;
+  line.textContent = text;
+  $("transcript").append(line);
+  $("transcript").scrollTop = $("transcript").scrollHeight;
+  return line;
+}
+
+// A transcript line is updated in place while the model is still speaking/transcribing.
+function showTranscript({ id, role, text, interrupted }) {
+  const kind = role === "agent" ? "agent" : "caller";
+  let line = transcriptLines.get(String(id));
+  if (!line) {
+    line = addLine(kind, "");
+    line.dataset.id = id;
+    transcriptLines.set(String(id), line);
+  }
+  line.textContent = kind + ": " + (text || "") + (interrupted ? " — cut off" : "");
+}
+
+function showTool({ name, outcome, durationMs }) {
+  addLine("tool", `tool ${name}: ${outcome}` + (durationMs != null ? ` in ${durationMs} ms` : ""));
+}
+
+function onRelayMessage(event) {
+  const msg = JSON.parse(event.data);
+  const player = call.player.port;
+  if (msg.event === "media") {
+    const samples = Float32Array.from(fromBase64(msg.media.payload), (b) => MULAW_TABLE[b]);
+    player.postMessage({ samples }, [samples.buffer]);
+  } else if (msg.event === "mark") player.postMessage({ mark: msg.mark.name });
+  else if (msg.event === "clear") player.postMessage({ clear: true });
+  else if (msg.event === "transcript") showTranscript(msg);
+  else if (msg.event === "tool") showTool(msg);
+  // other events are ignored
+}
+
+async function setUpAudio(ctx) {
+  const stream = await navigator.mediaDevices.getUserMedia({
+    audio: { echoCancellation: true, noiseSuppression: true, autoGainControl: true },
+  });
+  await ctx.audioWorklet.addModule(WORKLET_URL);
+  const capture = new AudioWorkletNode(ctx, "capture", { channelCount: 1, channelCountMode: "explicit" });
+  const player = new AudioWorkletNode(ctx, "playback", { numberOfInputs: 0, outputChannelCount: [1] });
+  ctx.createMediaStreamSource(stream).connect(capture);
+  capture.connect(ctx.destination); // outputs silence; connected so the browser keeps it running
+  player.connect(ctx.destination);
+  capture.port.onmessage = (e) => (e.data.frame ? sendFrame(e.data.frame) : setLevel("mic-level", e.data.level));
+  player.port.onmessage = (e) => (e.data.played !== undefined ? echoMark(e.data.played) : setLevel("agent-level", e.data.level));
+  return { stream, player };
+}
+
+async function startCall() {
+  const ctx = new AudioContext(); // device's default rate (Firefox needs that); the worklets resample
+  ctx.resume();                   // inside the click handler, so autoplay rules allow sound
+  setState("connecting");
+  $("transcript").replaceChildren();
+  transcriptLines = new Map();
+  let audio;
+  try {
+    audio = await setUpAudio(ctx);
+  } catch (err) {
+    ctx.close();
+    return setState("error: " + err.message);
+  }
+  const token = new URLSearchParams(location.search).get("token") || "";
+  const ws = new WebSocket((location.protocol === "https:" ? "wss:" : "ws:") + "//" + location.host +
+    "/browser-phone?token=" + encodeURIComponent(token));
+  call = { ws, ctx, ...audio, streamSid: "MZ" + randomHex(32), callSid: "CA" + randomHex(32), seq: 0, chunk: 0, error: null };
+  const current = () => call && call.ws === ws; // ignore late events from an earlier call's socket
+  ws.onopen = () => current() && sendStart();
+  ws.onmessage = (e) => current() && onRelayMessage(e);
+  ws.onerror = () => { if (current() && call.seq === 0) call.error = "could not connect to the relay"; };
+  ws.onclose = () => current() && endCall(false); // the relay (agent) hung up, or the connection dropped
+}
+
+function endCall(byUser) {
+  if (!call) return;
+  if (byUser && isLive()) send("stop", { stop: { accountSid: ACCOUNT_SID, callSid: call.callSid } });
+  const { ws, ctx, stream, error } = call;
+  call = null;
+  ws.close();
+  stream.getTracks().forEach((track) => track.stop());
+  ctx.close();
+  setLevel("mic-level", 0);
+  setLevel("agent-level", 0);
+  setState(error ? "error: " + error : "ended");
+}
+
+$("call").addEventListener("click", startCall);
+$("hangup").addEventListener("click", () => endCall(true));
+window.addEventListener("pagehide", () => endCall(true));
+for (const key of document.querySelectorAll(".key")) {
+  key.addEventListener("click", () => isLive() && send("dtmf", { dtmf: { track: "inbound_track", digit: key.dataset.digit } }));
+}
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":

@@ -30,10 +30,13 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import xml.etree.ElementTree as ElementTree
@@ -532,7 +535,12 @@ async def http_get(port: int, path: str, method: str = "GET", headers: str = "")
     lines = head.decode().split("\r\n")
     status = int(lines[0].split()[1])
     fields = {k.lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if line)}
-    body = await reader.read() if method != "HEAD" else b""
+    if method == "HEAD":
+        body = b""
+    elif "content-length" in fields:  # Chromium's DevTools keeps the connection open after it
+        body = await reader.readexactly(int(fields["content-length"]))
+    else:
+        body = await reader.read()
     writer.close()
     return status, fields, body
 
@@ -632,6 +640,7 @@ def test_config_defaults_and_realtime_url() -> None:
         ({"CALL_SUMMARY": "on"}, "CALL_SUMMARY=on needs CALL_REPORT_URL"),
         ({"CALL_REPORT_URL": "http://crm.example.com/calls"}, r"CALL_REPORT_URL must be an https:// URL \(plain"),
         ({"CALL_REPORT_URL": "crm.example.com"}, "CALL_REPORT_URL must be a URL like https://crm.example.com/calls"),
+        ({"BROWSER_PHONE_TOKEN": "short"}, r"BROWSER_PHONE_TOKEN must be at least 16 .* \(5 characters\)"),
         ({"TURN_DETECTION": "vad"}, "TURN_DETECTION must be one of server_vad, semantic_vad; got 'vad'"),
         ({"VAD_EAGERNESS": "fast"}, "VAD_EAGERNESS must be one of auto, low, medium, high"),
         ({"NOISE_REDUCTION": "none"}, "NOISE_REDUCTION must be one of near_field, far_field, off"),
@@ -3600,6 +3609,222 @@ def test_relay_py_call_refuses_what_twilio_would_refuse(args: list[str], complai
             assert process.returncode != 0 and stdout == b"" and not rest.requests
             assert re.search(complaint, stderr.decode()), stderr
             assert len(stderr.strip().splitlines()) == 1
+
+    run(scenario)
+
+
+# The browser phone: /phone in a real Chromium, with a fake microphone ---------------------------------
+
+
+PHONE_TOKEN = "phone-token-for-the-tests-0123"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None or shutil.which("espeak-ng") is None,
+                                    reason="needs chromium and espeak-ng (.ci/run installs them)")
+
+
+class Browser:
+    """Headless Chromium from the system, driven over the DevTools protocol, with a fake microphone.
+
+    The microphone plays ``wav`` in a loop, as Chromium's fake capture device does.
+    """
+
+    def __init__(self, wav: str) -> None:
+        self.wav = wav
+        self.profile = tempfile.mkdtemp(prefix="relay-chromium-")
+        self.ids = itertools.count(1)
+
+    async def __aenter__(self) -> Browser:
+        assert CHROMIUM is not None
+        self.process = await asyncio.create_subprocess_exec(
+            CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={self.profile}", "--remote-debugging-port=0", "--use-fake-ui-for-media-stream",
+            "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={self.wav}",
+            "--autoplay-policy=no-user-gesture-required", "--window-size=900,900", "about:blank",
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        assert self.process.stderr is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = (await self.process.stderr.readline()).decode()
+                assert line, "chromium exited"
+                if "DevTools listening on ws://" in line:
+                    port = int(line.split("ws://127.0.0.1:")[1].split("/")[0])
+                    break
+        self.drain = asyncio.create_task(self.process.stderr.read())  # keep its pipe from filling up
+        _, _, body = await http_get(port, "/json/list")
+        (page,) = [target for target in json.loads(body) if target["type"] == "page"]
+        self.page = await connect(page["webSocketDebuggerUrl"], max_size=None, compression=None)
+        return self
+
+    async def __aexit__(self, *_: Any) -> None:
+        await self.page.close()
+        self.process.kill()
+        await self.process.wait()
+        self.drain.cancel()
+        shutil.rmtree(self.profile, ignore_errors=True)
+
+    async def command(self, method: str, **params: Any) -> dict[str, Any]:
+        """One DevTools command; its result (events that come meanwhile are skipped)."""
+        number = next(self.ids)
+        await self.page.send(json.dumps({"id": number, "method": method, "params": params}))
+        while True:
+            reply = json.loads(await self.page.recv())
+            if reply.get("id") == number:
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    async def evaluate(self, expression: str) -> Any:
+        """Run JavaScript in the page, as a click would (a user gesture); return its value."""
+        result = await self.command("Runtime.evaluate", expression=expression, awaitPromise=True,
+                                    returnByValue=True, userGesture=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    async def until(self, expression: str, limit: float = 10) -> Any:
+        """Poll a JavaScript expression until it is truthy; return it."""
+        async with asyncio.timeout(limit):
+            while not (value := await self.evaluate(expression)):
+                await asyncio.sleep(0.05)
+        return value
+
+
+def spoken_wav(folder: str, text: str) -> str:
+    """A WAV of ``text`` spoken by espeak-ng: the fake microphone's voice."""
+    path = os.path.join(folder, "caller.wav")
+    subprocess.run(["espeak-ng", "-w", path, text], check=True, capture_output=True)
+    return path
+
+
+def mulaw_to_linear(byte: int) -> int:
+    """G.711 mu-law to 16-bit linear, as the standard decoder does."""
+    byte = ~byte & 0xFF
+    magnitude = (((byte & 0x0F) << 3) + 0x84) << ((byte >> 4) & 0x07)
+    return (0x84 - magnitude) if byte & 0x80 else (magnitude - 0x84)
+
+
+@needs_chromium
+def test_the_browser_phone_calls_the_agent_as_a_phone_would(
+    shop_tools: dict[str, Any], tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    wav = spoken_wav(str(tmp_path), "Hello, I would like to know where my order is. It is order A one.")
+
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        env = {"BROWSER_PHONE": "on", "BROWSER_PHONE_TOKEN": PHONE_TOKEN, "GREETING": "", "IDLE_SECONDS": "0"}
+        async with fake.running(), running_relay(fake, shop_tools["tools"], **env) as (the_relay, _), \
+                Browser(wav) as browser:
+            port = the_relay.port  # type: ignore[attr-defined]
+            await browser.command("Page.navigate", url=f"http://127.0.0.1:{port}/phone?token={PHONE_TOKEN}")
+            await browser.until("document.readyState === 'complete' && !!document.querySelector('#call')")
+            await browser.evaluate("document.querySelector('#caller').value = '+15550001111';"
+                                   "document.querySelector('#params').value = 'caller_name=Ann';"
+                                   "document.querySelector('#call').click()")
+            session = await fake.session()
+            await eventually(lambda: all(configured(call) and call.stream_sid for call in the_relay.calls), limit=10)
+            (call,) = the_relay.calls
+            assert call.direction == "browser" and call.parameters == {"from": "+15550001111", "caller_name": "Ann"}
+
+            # The caller's speech reaches OpenAI as mu-law at 8 kHz, in 20 ms frames, and it is not silence.
+            await eventually(lambda: len(session.appended()) >= 100, limit=10)
+            frames = [base64.b64decode(payload) for payload in session.appended()]
+            assert all(len(frame) % FRAME == 0 for frame in frames)  # 160 samples: 20 ms at 8 kHz (maybe joined)
+            loud = max(abs(mulaw_to_linear(byte)) for frame in frames for byte in frame)
+            assert loud > 2000 and len({byte for frame in frames for byte in frame}) > 40
+
+            # The agent's audio plays, and its marks come back as it plays, not all at once.
+            await session.say("item_a", speech(1, 10))  # 1 s
+            await session.send({"type": "response.output_audio.done", "response_id": "resp_1", "item_id": "item_a",
+                                "output_index": 0, "content_index": 0})
+            await browser.until("window.phone.marksEchoed.length > 0")
+            assert call.phone.playback.pending  # marks still to be heard when the first came back
+            await eventually(lambda: call.phone.playback.drained.is_set(), limit=10)
+            assert len(await browser.evaluate("window.phone.marksEchoed")) == call.phone.playback.marks_sent
+
+            # A keypad press reaches the agent as it does from a phone.
+            await browser.evaluate("document.querySelector('.key[data-digit=\"5\"]').click()")
+            await eventually(lambda: any(e["item"].get("content", [{}])[0].get("text") ==
+                                         "The caller pressed 5 on the keypad."
+                                         for e in session.of_type("conversation.item.create")))
+
+            # What was said, and the tool call, appear on the page.
+            await caller_said(session, "item_c1", "Where is my order A-1?")
+            await agent_begins(session, "resp_b", "item_b1")
+            await function_call(session, "opening_hours", "{}", "call_1", "resp_b")
+            await agent_transcript(session, "item_b1", "We are open from nine to five.")
+            await response_done(session, "resp_b")
+            text = await browser.until("document.querySelector('#transcript').innerText.includes('nine to five')"
+                                       " && document.querySelector('#transcript').innerText")
+            assert "Where is my order A-1?" in text and "opening_hours" in text
+            screenshot = os.environ.get("RELAY_PHONE_SCREENSHOT")
+            if screenshot:  # README's picture: RELAY_PHONE_SCREENSHOT=.readme/phone.png python -m pytest -k browser
+                shot = await browser.command("Page.captureScreenshot", format="png")
+                with open(screenshot, "wb") as file:
+                    file.write(base64.b64decode(shot["data"]))
+
+            # Hanging up ends the call and closes the OpenAI session.
+            await browser.evaluate("document.querySelector('#hangup').click()")
+            await session.ws.wait_closed()
+            await eventually(lambda: not the_relay.calls)
+            assert await browser.until("window.phone.state === 'ended'")
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario, limit=60)
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("stream started (direction browser" in line for line in lines)
+    assert any("the caller hung up" in line for line in lines)
+    assert not any(PHONE_TOKEN in line for line in lines)
+
+
+def test_the_browser_phone_needs_its_token_and_dials_nobody_without_it(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake:
+            env = {"BROWSER_PHONE": "on", "BROWSER_PHONE_TOKEN": PHONE_TOKEN, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
+            async with running_relay(fake, **env) as (the_relay, _):
+                port = the_relay.port  # type: ignore[attr-defined]
+                for path in ("/phone", "/phone?token=wrong", f"/phone?token={PHONE_TOKEN}x"):
+                    assert (await http_get(port, path))[0] == 401
+                status, headers, body = await http_get(port, f"/phone?token={PHONE_TOKEN}")
+                assert status == 200 and headers["content-type"].startswith("text/html")
+                assert b"Browser phone" in body and b"<script src" not in body  # nothing from elsewhere
+                for token in ("", "wrong"):
+                    with pytest.raises(InvalidStatus) as refused:
+                        await connect(f"ws://127.0.0.1:{port}/browser-phone?token={token}", open_timeout=2)
+                    assert refused.value.response.status_code == 403
+                assert fake.handshakes == 0  # no OpenAI dial for any of them
+                # The right token is enough: a browser has no Twilio signature to give.
+                twilio = await FakeTwilio(f"ws://127.0.0.1:{port}/browser-phone?token={PHONE_TOKEN}").open()
+                await eventually(lambda: fake.handshakes == 1)
+                await twilio.close()
+                numbers = await metrics(the_relay)
+                assert numbers['relay_calls_refused_total{reason="token"}'] == 5
+                assert numbers['relay_calls_started_total{direction="browser"}'] == 1
+                # Twilio's path keeps its signature check.
+                with pytest.raises(InvalidStatus) as refused:
+                    await connect(f"ws://127.0.0.1:{port}/media-stream", open_timeout=2)
+                assert refused.value.response.status_code == 403
+            async with running_relay(fake) as (the_relay, _):  # BROWSER_PHONE is off by default
+                port = the_relay.port  # type: ignore[attr-defined]
+                assert (await http_get(port, f"/phone?token={PHONE_TOKEN}"))[0] == 404
+                with pytest.raises(InvalidStatus) as refused:
+                    await connect(f"ws://127.0.0.1:{port}/browser-phone?token={PHONE_TOKEN}", open_timeout=2)
+                assert refused.value.response.status_code == 404
+
+    with caplog.at_level(logging.DEBUG, logger="relay"):
+        run(scenario)
+    assert not any(PHONE_TOKEN in r.getMessage() for r in caplog.records)
+
+
+def test_the_start_up_line_gives_the_browser_phones_url_with_a_fresh_token() -> None:
+    async def scenario() -> None:
+        tokens = []
+        for _ in range(2):
+            lines = await start_up_lines({"BROWSER_PHONE": "on"})
+            (line,) = [line for line in lines if "browser phone: open http://localhost:" in line]
+            tokens.append(re.search(r"/phone\?token=([A-Za-z0-9_-]+) ", line).group(1))  # type: ignore[union-attr]
+            assert "not for the public" in line
+        assert tokens[0] != tokens[1] and all(len(token) >= 16 for token in tokens)
+        lines = await start_up_lines({})
+        assert not any("browser phone" in line for line in lines)
 
     run(scenario)
 
