@@ -7,16 +7,18 @@ passes through untouched.
 
 Read top to bottom:
 
-1. The agent: its persona, its greeting and its tools. This is the part to make
-   your own: change the instructions, or add a tool by writing one decorated
-   ``async`` function.
+1. The agent: its persona, its greeting, the lines it is asked to say (a check-in,
+   a filler while a tool works...), an agent for each of your numbers (``AGENTS``)
+   and its tools. This is the part to make your own: change the instructions, or
+   add a tool by writing one decorated ``async`` function.
 2. Configuration: every setting, read from the environment once, at start-up.
 3. What the relay tells OpenAI: the session and its messages.
 4. One phone call: small parts, each with one kind of state (``Floor`` decides
    who may speak), and ``Call``, whose two pumps (Twilio -> OpenAI and
    OpenAI -> Twilio) hand each event to the part it belongs to.
 5. ``Relay``: the HTTP routes and the bookkeeping shared by all calls.
-6. ``main()``: start-up, serving, and a graceful shutdown.
+6. ``main()``: start-up, serving, and a graceful shutdown; ``relay.py call``.
+7. ``PHONE_PAGE``: the browser phone's page, served at ``/phone`` (BROWSER_PHONE).
 
 Run it with ``python relay.py``.
 """

@@ -3779,7 +3779,7 @@ def test_the_browser_phone_needs_its_token_and_dials_nobody_without_it(caplog: p
     async def scenario() -> None:
         async with FakeOpenAI().running() as fake:
             env = {"BROWSER_PHONE": "on", "BROWSER_PHONE_TOKEN": PHONE_TOKEN, "TWILIO_AUTH_TOKEN": AUTH_TOKEN}
-            async with running_relay(fake, **env) as (the_relay, _):
+            async with running_relay(fake, None, **env) as (the_relay, _):
                 port = the_relay.port  # type: ignore[attr-defined]
                 for path in ("/phone", "/phone?token=wrong", f"/phone?token={PHONE_TOKEN}x"):
                     assert (await http_get(port, path))[0] == 401
