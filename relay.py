@@ -687,7 +687,8 @@ def session_update(config: Config, persona: Persona, tools: Mapping[str, Tool], 
     """The GA ``session.update``: mu-law both ways, server-side turn detection, the tools.
 
     ``event_id`` lets an ``error`` caused by this update be told apart (see Call.on_openai_error).
-    Every update says everything, so a session never keeps a setting from an earlier one.
+    Turn detection and noise reduction are always written out (null for off), so a
+    session never keeps them from an earlier update.
     """
     audio_input: dict[str, Any] = {
         "format": {"type": "audio/pcmu"},
@@ -734,9 +735,13 @@ def summary_request() -> dict[str, Any]:
 def response_text(response: Any) -> str:
     """The text of a response.done's output messages."""
     output = response.get("output") if isinstance(response, dict) else None
-    texts = [part.get("text") for item in output if isinstance(item, dict) and isinstance(item.get("content"), list)
-             for part in item["content"] if isinstance(part, dict)] if isinstance(output, list) else []
-    return " ".join(text for text in texts if isinstance(text, str)).strip()
+    texts: list[str] = []
+    for item in output if isinstance(output, list) else []:
+        content = item.get("content") if isinstance(item, dict) else None
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return " ".join(texts).strip()
 
 
 def token_counts(usage: Any) -> dict[str, int]:
@@ -1488,6 +1493,11 @@ class Turn:
         words = self.text.split()[: round(len(self.text.split()) * self.heard)]
         return " ".join(words) + " [cut off: the caller interrupted here]" if words else ""
 
+    def said(self) -> dict[str, Any]:
+        """The turn as the call's report and the browser phone show it."""
+        return {"role": "caller" if self.role == "user" else "agent", "text": self.text,
+                "interrupted": self.heard is not None}
+
     def as_item(self) -> dict[str, Any]:
         """The turn as a conversation item for a new session."""
         item = text_message(self.heard_text, self.role)
@@ -1554,9 +1564,7 @@ class Transcript:
 
     def spoken(self) -> list[dict[str, Any]]:
         """What the caller and the agent said, in order, for the call's report."""
-        return [{"role": "caller" if turn.role == "user" else "agent", "text": turn.text,
-                 "interrupted": turn.heard is not None}
-                for turn in self.turns.values() if not turn.note and turn.text]
+        return [turn.said() for turn in self.turns.values() if not turn.note and turn.text]
 
     def caller_waits(self) -> bool:
         """Did the caller say something the agent has not begun to answer?"""
@@ -1947,8 +1955,9 @@ class ToolRunner:
         elif item.get("type") == "mcp_call":
             self.call.floor.owe()  # OpenAI ran it, but does not answer with its result by itself
             error = item.get("error")
-            self.call.record.tool(str(item.get("name")), "error" if error else "ok", None, str(item.get("server_label")))
-            await self.call.show({"event": "tool", **self.call.record.tools[-1]})
+            entry = self.call.record.tool(str(item.get("name")), "error" if error else "ok", None,
+                                          str(item.get("server_label")))
+            await self.call.show({"event": "tool", **entry})
             outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
             self.call.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
                           outcome if error else "ok")
@@ -1962,8 +1971,7 @@ class ToolRunner:
         seconds = time.monotonic() - started
         self.call.relay.stats.tool_calls[name if name in self.call.relay.tools else "unknown", outcome] += 1
         self.call.relay.stats.tool_seconds.observe(seconds)
-        self.call.record.tool(name, outcome, seconds)
-        await self.call.show({"event": "tool", **self.call.record.tools[-1]})
+        await self.call.show({"event": "tool", **self.call.record.tool(name, outcome, seconds)})
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
         summary = tool_note(name, item.get("arguments"), output)
         self.call.transcript.note("system", summary)
@@ -2067,9 +2075,11 @@ class CallRecord:
         self.summary = ""
         self.caller_done_at: float | None = None  # the caller's last end of speech, until audio answers it
 
-    def tool(self, name: str, outcome: str, seconds: float | None, server: str = "") -> None:
+    def tool(self, name: str, outcome: str, seconds: float | None, server: str = "") -> dict[str, Any]:
+        """Note a tool call; return the entry."""
         call = {"name": name[:64], "outcome": outcome, "durationMs": None if seconds is None else round(seconds * 1000)}
         self.tools.append({**call, "server": server} if server else call)
+        return self.tools[-1]
 
     def response_done(self, usage: Any) -> dict[str, int]:
         """Add a response's tokens; return them."""
@@ -2548,8 +2558,7 @@ class Call:
     async def show_turn(self, key: str) -> None:
         turn = self.transcript.turns.get(key)
         if turn is not None and turn.text:
-            await self.show({"event": "transcript", "id": key, "role": "caller" if turn.role == "user" else "agent",
-                             "text": turn.text, "interrupted": turn.heard is not None})
+            await self.show({"event": "transcript", "id": key, **turn.said()})
 
     # The clock, and REST call control
 
@@ -2945,54 +2954,50 @@ class Relay:
         def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
             lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
 
-        def labelled(name: str, label: str, counts: Mapping[str, int]) -> list[str]:
-            return [f'{name}{{{label}="{key}"}} {value}' for key, value in sorted(counts.items())]
+        def single(name: str, help_text: str, value: float, kind: str = "counter") -> None:
+            metric(name, kind, help_text, [f"{name} {value}"])
 
-        metric("relay_calls_active", "gauge", "Calls in progress.", [f"relay_calls_active {len(self.calls)}"])
-        metric("relay_calls_total", "counter", "Calls accepted.", [f"relay_calls_total {stats.total}"])
-        metric("relay_calls_started_total", "counter", "Streams started, by direction (browser: /phone).",
-               labelled("relay_calls_started_total", "direction", stats.directions))
-        metric("relay_calls_refused_total", "counter", "Handshakes refused, by reason.",
-               labelled("relay_calls_refused_total", "reason", stats.refused))
-        metric("relay_call_duration_seconds", "histogram", "Length of finished calls.",
-               stats.call_seconds.lines("relay_call_duration_seconds"))
-        metric("relay_openai_connect_seconds", "histogram", "Time to open the OpenAI WebSocket.",
-               stats.openai_connect.lines("relay_openai_connect_seconds"))
-        metric("relay_errors_total", "counter", "Errors, by kind.", labelled("relay_errors_total", "kind", stats.errors))
-        metric("relay_audio_frames_total", "counter", "Audio messages forwarded, by direction.",
-               labelled("relay_audio_frames_total", "direction",
-                        {"caller_to_openai": stats.frames_in, "openai_to_caller": stats.frames_out}))
-        metric("relay_audio_bytes_total", "counter", "Audio bytes (mu-law) forwarded, by direction.",
-               labelled("relay_audio_bytes_total", "direction",
-                        {"caller_to_openai": stats.bytes_in, "openai_to_caller": stats.bytes_out}))
-        metric("relay_barge_ins_total", "counter", "Times the caller interrupted the agent.",
-               [f"relay_barge_ins_total {stats.barge_ins}"])
-        metric("relay_frames_dropped_total", "counter", "Audio messages dropped, by reason.",
-               labelled("relay_frames_dropped_total", "reason", stats.dropped))
+        def labelled(name: str, help_text: str, label: str, counts: Mapping[str, int]) -> None:
+            metric(name, "counter", help_text, [f'{name}{{{label}="{key}"}} {n}' for key, n in sorted(counts.items())])
+
+        def histogram(name: str, help_text: str, values: Histogram) -> None:
+            metric(name, "histogram", help_text, values.lines(name))
+
+        single("relay_calls_active", "Calls in progress.", len(self.calls), "gauge")
+        single("relay_calls_total", "Calls accepted.", stats.total)
+        labelled("relay_calls_started_total", "Streams started, by direction (browser: /phone).", "direction",
+                 stats.directions)
+        labelled("relay_calls_refused_total", "Handshakes refused, by reason.", "reason", stats.refused)
+        histogram("relay_call_duration_seconds", "Length of finished calls.", stats.call_seconds)
+        histogram("relay_openai_connect_seconds", "Time to open the OpenAI WebSocket.", stats.openai_connect)
+        labelled("relay_errors_total", "Errors, by kind.", "kind", stats.errors)
+        labelled("relay_audio_frames_total", "Audio messages forwarded, by direction.", "direction",
+                 {"caller_to_openai": stats.frames_in, "openai_to_caller": stats.frames_out})
+        labelled("relay_audio_bytes_total", "Audio bytes (mu-law) forwarded, by direction.", "direction",
+                 {"caller_to_openai": stats.bytes_in, "openai_to_caller": stats.bytes_out})
+        single("relay_barge_ins_total", "Times the caller interrupted the agent.", stats.barge_ins)
+        labelled("relay_frames_dropped_total", "Audio messages dropped, by reason.", "reason", stats.dropped)
         metric("relay_tool_calls_total", "counter", "Tool calls run by the relay, by tool and outcome.",
                [f'relay_tool_calls_total{{tool="{tool}",outcome="{outcome}"}} {count}'
                 for (tool, outcome), count in sorted(stats.tool_calls.items())])
-        metric("relay_tool_call_seconds", "histogram", "Time tools took, timeouts included.",
-               stats.tool_seconds.lines("relay_tool_call_seconds"))
-        metric("relay_transfers_total", "counter", "Transfers to TRANSFER_TO, by outcome.",
-               labelled("relay_transfers_total", "outcome", stats.transfers))
-        metric("relay_openai_reconnects_total", "counter", "Calls carried over to a new OpenAI session, by reason.",
-               labelled("relay_openai_reconnects_total", "reason", stats.reconnects))
-        metric("relay_hang_ups_total", "counter", "Calls the relay hung up, by cause (silence: an idle caller).",
-               labelled("relay_hang_ups_total", "cause", stats.hang_ups))
-        metric("relay_idle_check_ins_total", "counter", "Times the agent asked a silent caller if they are there.",
-               [f"relay_idle_check_ins_total {stats.idle_check_ins}"])
-        metric("relay_tool_fillers_total", "counter", "Lines the agent said to fill a slow tool's wait.",
-               [f"relay_tool_fillers_total {stats.tool_fillers}"])
+        histogram("relay_tool_call_seconds", "Time tools took, timeouts included.", stats.tool_seconds)
+        labelled("relay_transfers_total", "Transfers to TRANSFER_TO, by outcome.", "outcome", stats.transfers)
+        labelled("relay_openai_reconnects_total", "Calls carried over to a new OpenAI session, by reason.", "reason",
+                 stats.reconnects)
+        labelled("relay_hang_ups_total", "Calls the relay hung up, by cause (silence: an idle caller).", "cause",
+                 stats.hang_ups)
+        single("relay_idle_check_ins_total", "Times the agent asked a silent caller if they are there.",
+               stats.idle_check_ins)
+        single("relay_tool_fillers_total", "Lines the agent said to fill a slow tool's wait.", stats.tool_fillers)
         metric("relay_tokens_total", "counter", "OpenAI tokens, from every response.done (cached: part of input).",
                [f'relay_tokens_total{{direction="{direction}",kind="{kind}"}} {stats.tokens[f"{direction}_{kind}"]}'
                 for direction, kind in TOKEN_KINDS])
-        metric("relay_reply_seconds", "histogram", "From the caller's end of speech to the answer's first audio.",
-               stats.reply_seconds.lines("relay_reply_seconds"))
-        metric("relay_outbound_answered_total", "counter", "Outbound calls by who answered (AnsweredBy).",
-               labelled("relay_outbound_answered_total", "answered_by", stats.answered_by))
-        metric("relay_call_reports_total", "counter", "Call reports sent to CALL_REPORT_URL, by outcome.",
-               labelled("relay_call_reports_total", "outcome", stats.reports))
+        histogram("relay_reply_seconds", "From the caller's end of speech to the answer's first audio.",
+                  stats.reply_seconds)
+        labelled("relay_outbound_answered_total", "Outbound calls by who answered (AnsweredBy).", "answered_by",
+                 stats.answered_by)
+        labelled("relay_call_reports_total", "Call reports sent to CALL_REPORT_URL, by outcome.", "outcome",
+                 stats.reports)
         return "\n".join(lines) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
