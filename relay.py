@@ -201,12 +201,10 @@ async def transfer_call(call: Call, reason: str = "") -> dict[str, Any]:
 
 # 2. Configuration ------------------------------------------------------------
 
-# Each list of choices starts with its default.
 VOICES = ("alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar")
-TURN_DETECTIONS = ("server_vad", "semantic_vad")
-EAGERNESSES = ("auto", "low", "medium", "high")  # auto, the default, is medium
-NOISE_REDUCTIONS = ("near_field", "far_field", "off")
 SERVER_VAD_SETTINGS = ("VAD_THRESHOLD", "VAD_PREFIX_PADDING_MS", "VAD_SILENCE_DURATION_MS")
+E164 = r"\+[1-9][0-9]{6,14}"  # a phone number: + and up to 15 digits
+PLACEHOLDER_API_KEY = "sk-your-key-here"  # what .env.example says until the user puts a key there
 
 TRANSCRIPTION_MODEL = "gpt-4o-mini-transcribe"  # for SESSION_CONTINUITY and LOG_TRANSCRIPTS
 # What the caller hears when the stream ends, before the call hangs up (see /twiml). With REST
@@ -250,106 +248,88 @@ REPORT_TIMEOUT = 10.0  # seconds for one try at delivering a report
 REPORT_RETRY_DELAYS = (1.0, 5.0, 25.0)  # seconds before each further try, after a failure worth retrying
 
 
-PLACEHOLDER_API_KEY = "sk-your-key-here"  # what .env.example says until the user puts a key there
-
-
 class ConfigError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TwilioAccount:
-    """What the relay needs to call Twilio's REST API (HTTP Basic auth)."""
-
-    account_sid: str
-    username: str  # an API key (SK...), or the account SID with the auth token
-    password: str = dataclasses.field(repr=False)  # never in a log line or a traceback
-    base_url: str = "https://api.twilio.com"
+Parse = Callable[[str, str], Any]  # (the variable's name, its value) -> the setting, or ConfigError
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting of the relay, checked once at start-up."""
+def setting(name: str, default: Any, parse: Parse | None = None,
+            read: Callable[[Mapping[str, str]], Any] | None = None) -> Any:
+    """A Config field read from the environment variable ``name``, once, at start-up.
 
-    openai_api_key: str
-    openai_url: str
-    openai_model: str = "gpt-realtime-2.1"
-    host: str = "0.0.0.0"
-    port: int = 8080
-    voice: str = "alloy"
-    instructions: str = DEFAULT_INSTRUCTIONS
-    turn_detection: str = "server_vad"
-    vad_threshold: float = 0.5
-    vad_prefix_padding_ms: int = 300
-    vad_silence_duration_ms: int = 500
-    vad_eagerness: str = "auto"
-    noise_reduction: str = "near_field"
-    idle_seconds: float = 10.0
-    idle_prompts: int = 2
-    tool_filler_seconds: float = 3.0
-    log_level: str = "INFO"
-    drain_seconds: float = 10.0
-    openai_connect_timeout: float = 10.0
-    greeting: str = DEFAULT_GREETING
-    dtmf: bool = True
-    end_call_tool: bool = True
-    max_call_seconds: float = 3300.0
-    log_transcripts: bool = False
-    twilio_auth_token: str = ""
-    public_url: str = ""
-    max_calls: int = 50
-    warm_sessions: int = 0
-    mcp_server_url: str = ""
-    mcp_server_label: str = "tools"
-    mcp_authorization: str = ""
-    mcp_allowed_tools: tuple[str, ...] = ()
-    twilio_rest: TwilioAccount | None = None  # REST call control: off without an account
-    transfer_to: str = ""
-    transfer_message: str = ""
-    record_calls: bool = False
-    session_continuity: bool = True
-    reconnect_seconds: float = 5.0
-    session_rollover_seconds: float = 3420.0
-    call_report_url: str = ""
-    call_report_secret: str = dataclasses.field(default="", repr=False)
-    call_summary: bool = False
-    browser_phone: bool = False
-    browser_phone_token: str = dataclasses.field(default="", repr=False)
-    warnings: tuple[str, ...] = ()  # settings that are allowed but may not do what was meant
+    Unset or empty, it is ``default``; otherwise ``parse`` checks the value and makes it the
+    field's type. A ``read(env)`` of its own replaces both.
+    """
 
-    def __repr__(self) -> str:
-        """Keep the secrets out of any log line or traceback that shows the config."""
-        return f"Config(openai_url={self.openai_url!r}, voice={self.voice!r}, port={self.port})"
+    def read_it(env: Mapping[str, str]) -> Any:
+        value = env.get(name, "").strip()
+        return (parse or (lambda _, text: text))(name, value) if value else default
+
+    return dataclasses.field(default=default, metadata={"env": name, "read": read or read_it})
 
 
-def realtime_url(base_url: str, model: str) -> str:
-    """Turn an OpenAI REST base URL into the Realtime WebSocket URL, as the official SDK does."""
-    parts = _url("OPENAI_BASE_URL", base_url.rstrip("/"), "https://api.openai.com/v1", ("https", "wss"))
-    scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
-    query = urllib.parse.urlencode({"model": model})
-    return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path + "/realtime", query, ""))
+def between(low: float, high: float, whole: bool = False) -> Parse:
+    """A number from ``low`` to ``high``; a ``whole`` one (a count, milliseconds) refuses a fraction."""
+
+    def parse(name: str, text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number, got {text!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {text!r}")
+        if whole and value != int(value):
+            raise ConfigError(f"{name} must be a whole number, got {text!r}")
+        return int(value) if whole else value
+
+    return parse
 
 
-def _number(env: Mapping[str, str], name: str, default: float, low: float, high: float) -> float:
-    """Read a number from the environment, refusing anything outside [low, high]."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low:g} and {high:g}, got {raw!r}")
-    return value
+def on_or_off(name: str, text: str) -> bool:
+    """A switch: anything unrecognised is refused rather than guessed."""
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be on or off (true/false, 1/0), got {text.lower()!r}")
 
 
-def _whole_number(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    """A count or a number of milliseconds: a fraction is refused, not cut short."""
-    value = _number(env, name, default, low, high)
-    if value != int(value):
-        raise ConfigError(f"{name} must be a whole number, got {env[name].strip()!r}")
-    return int(value)
+def one_of(*choices: str) -> Parse:
+    """One of a few words; case does not matter."""
+
+    def parse(name: str, text: str) -> str:
+        chosen = {word.lower(): word for word in choices}.get(text.lower())
+        if chosen is None:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {text!r}")
+        return chosen
+
+    return parse
+
+
+def matching(pattern: str, what: str, secret: bool = False) -> Parse:
+    """Text that is ``what``, which ``pattern`` matches in full."""
+
+    def parse(name: str, text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            # Never echo a secret, not even a wrong one: it may be another of the user's keys.
+            got = f"this value is not ({len(text)} characters)" if secret else f"got {text!r}"
+            raise ConfigError(f"{name} must be {what}; {got}")
+        return text
+
+    return parse
+
+
+def names(pattern: str) -> Parse:
+    """A comma-separated list of names, each matching ``pattern``."""
+    one = matching(pattern, "a comma-separated list of names")
+    return lambda name, text: tuple(one(name, part.strip()) for part in text.split(",") if part.strip())
+
+
+def web_address(example: str, schemes: tuple[str, ...] = ("https",)) -> Parse:
+    """A URL like ``example`` (see _url), without a trailing slash."""
+    return lambda name, text: _url(name, text.rstrip("/"), example, schemes).geturl()
 
 
 def _is_loopback(host: str) -> bool:
@@ -380,94 +360,67 @@ def _url(name: str, raw: str, example: str, schemes: tuple[str, ...] = ("https",
     return parts
 
 
-def _public_url(raw: str) -> str:
-    """Accept https://host or wss://host (with an optional path); keep it as https://host/path."""
-    if not raw:
-        return ""
-    parts = _url("PUBLIC_URL", raw.rstrip("/"), "https://relay.example.com", ("https", "wss"))
+def _public_url(name: str, text: str) -> str:
+    """Where Twilio reaches the relay: https://host or wss://host (with an optional path), kept as https."""
+    parts = _url(name, text.rstrip("/"), "https://relay.example.com", ("https", "wss"))
     if parts.query:
-        raise ConfigError(f"PUBLIC_URL must be the relay's address without a query, like https://relay.example.com; "
-                          f"got {raw!r}")
+        raise ConfigError(f"{name} must be the relay's address without a query, like https://relay.example.com; "
+                          f"got {text!r}")
     scheme = "https" if parts.scheme in ("https", "wss") else "http"
     return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path, "", ""))
 
 
-def _switch(env: Mapping[str, str], name: str, default: bool) -> bool:
-    """Read an on/off setting; anything unrecognised is refused rather than guessed."""
-    raw = env.get(name, "").strip().lower()
-    if not raw:
-        return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name} must be on or off (true/false, 1/0), got {raw!r}")
+def _mcp_server_url(name: str, text: str) -> str:
+    """An MCP server OpenAI can reach: a public https URL, never this machine."""
+    if _url(name, text, "https://mcp.example.com/mcp").scheme != "https":
+        raise ConfigError(f"{name} must be an https:// URL that OpenAI can reach, got {text!r}")
+    return text
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    """One of a few words, the first being the default; case does not matter."""
-    raw = env.get(name, "").strip()
-    if not raw:
-        return choices[0]
-    if raw.lower() not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}; got {raw!r}")
-    return raw.lower()
+def _api_key(env: Mapping[str, str]) -> str:
+    key = env.get("OPENAI_API_KEY", "").strip()
+    if not key:
+        raise ConfigError("OPENAI_API_KEY is not set. Put OPENAI_API_KEY=sk-... in a .env file "
+                          "next to relay.py (see .env.example) or export it in the environment.")
+    if key == PLACEHOLDER_API_KEY:
+        raise ConfigError(f"OPENAI_API_KEY is still {PLACEHOLDER_API_KEY}, the example from .env.example: "
+                          "replace it in .env with your own key (https://platform.openai.com/api-keys)")
+    return key
 
 
-def _turn_detection_warnings(env: Mapping[str, str], turn_detection: str) -> tuple[str, ...]:
-    """Turn detection settings that the chosen kind of turn detection ignores."""
-    ignored = [name for name in SERVER_VAD_SETTINGS if env.get(name, "").strip()]
-    if turn_detection == "semantic_vad" and ignored:
-        return (f"TURN_DETECTION=semantic_vad ignores {', '.join(ignored)} (settings of server_vad)",)
-    if turn_detection == "server_vad" and env.get("VAD_EAGERNESS", "").strip():
-        return ("TURN_DETECTION=server_vad ignores VAD_EAGERNESS (a setting of semantic_vad)",)
-    return ()
+def _instructions(env: Mapping[str, str]) -> str:
+    """INSTRUCTIONS, or the default agent's, told when to transfer if TRANSFER_TO is set."""
+    transfer = TRANSFER_INSTRUCTIONS if env.get("TRANSFER_TO", "").strip() else ""
+    return env.get("INSTRUCTIONS", "").strip() or DEFAULT_INSTRUCTIONS + transfer
 
 
-def _mcp_server_url(raw: str) -> str:
-    """An MCP server OpenAI can reach: a public https URL (never this machine), or empty for none."""
-    if raw and _url("MCP_SERVER_URL", raw, "https://mcp.example.com/mcp").scheme != "https":
-        raise ConfigError(f"MCP_SERVER_URL must be an https:// URL that OpenAI can reach, got {raw!r}")
-    return raw
+AUTH_TOKEN = matching(r"[0-9a-fA-F]{32}", "the 32 hex digits of your Auth Token (Twilio console, Account info)",
+                      secret=True)
+PHONE_NUMBER = matching(E164, "a phone number in E.164 form, like +15551234567")
+BROWSER_PHONE_TOKEN = matching(r"[A-Za-z0-9_-]{16,}", "at least 16 letters, digits, - or _ (it goes in a URL)",
+                               secret=True)
 
 
-def _names(env: Mapping[str, str], name: str, pattern: str) -> tuple[str, ...]:
-    """A comma-separated list of names, each matching ``pattern``."""
-    names = tuple(part.strip() for part in env.get(name, "").split(",") if part.strip())
-    for item in names:
-        if not re.fullmatch(pattern, item):
-            raise ConfigError(f"{name} must be a comma-separated list of names, got {item!r}")
-    return names
+@dataclasses.dataclass(frozen=True)
+class TwilioAccount:
+    """What the relay needs to call Twilio's REST API (HTTP Basic auth)."""
+
+    account_sid: str
+    username: str  # an API key (SK...), or the account SID with the auth token
+    password: str = dataclasses.field(repr=False)  # never in a log line or a traceback
+    base_url: str = "https://api.twilio.com"
 
 
-E164 = r"\+[1-9][0-9]{6,14}"  # a phone number: + and up to 15 digits
-
-
-def _phone_number(name: str, raw: str) -> str:
-    """An E.164 number, or a clear complaint."""
-    if not re.fullmatch(E164, raw):
-        raise ConfigError(f"{name} must be a phone number in E.164 form, like +15551234567; got {raw!r}")
-    return raw
-
-
-def _auth_token(env: Mapping[str, str]) -> str:
-    """Twilio's auth token, 32 hex digits: a wrong one would fail every signature and REST call."""
-    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
-    if token and not re.fullmatch(r"[0-9a-fA-F]{32}", token):
-        # Never echo a secret, not even a wrong one: it may be another of the user's keys.
-        raise ConfigError(f"TWILIO_AUTH_TOKEN must be the 32 hex digits of your Auth Token (Twilio console, "
-                          f"Account info); this value is not ({len(token)} characters)")
-    return token
-
-
-def load_twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
+def twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
     """The REST credentials, if any: an API key and secret (preferred), or the auth token."""
     sid = env.get("TWILIO_ACCOUNT_SID", "").strip()
     key = env.get("TWILIO_API_KEY", "").strip()
     secret = env.get("TWILIO_API_SECRET", "").strip()
-    token = _auth_token(env)
-    base_url = (env.get("TWILIO_API_BASE_URL", "").strip() or "https://api.twilio.com").rstrip("/")
-    _url("TWILIO_API_BASE_URL", base_url, "https://api.twilio.com")
+    token = env.get("TWILIO_AUTH_TOKEN", "").strip()
+    base_url = env.get("TWILIO_API_BASE_URL", "").strip() or "https://api.twilio.com"
+    base_url = web_address("https://api.twilio.com")("TWILIO_API_BASE_URL", base_url)
+    if token:
+        AUTH_TOKEN("TWILIO_AUTH_TOKEN", token)
     if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
         raise ConfigError(f"TWILIO_ACCOUNT_SID must be AC followed by 32 hex digits, got {sid[:40]!r}")
     if key and not re.fullmatch(r"SK[0-9a-fA-F]{32}", key):
@@ -478,121 +431,119 @@ def load_twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
         raise ConfigError("TWILIO_API_KEY needs TWILIO_ACCOUNT_SID (the AC... of your account)")
     if not sid:
         return None
-    if key:
-        return TwilioAccount(sid, key, secret, base_url)
-    if token:
-        return TwilioAccount(sid, sid, token, base_url)
-    raise ConfigError("TWILIO_ACCOUNT_SID needs TWILIO_AUTH_TOKEN, or TWILIO_API_KEY and TWILIO_API_SECRET")
+    if not key and not token:
+        raise ConfigError("TWILIO_ACCOUNT_SID needs TWILIO_AUTH_TOKEN, or TWILIO_API_KEY and TWILIO_API_SECRET")
+    return TwilioAccount(sid, key, secret, base_url) if key else TwilioAccount(sid, sid, token, base_url)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Every setting of the relay: the variable it is read from, its default, what it accepts.
+
+    README's Configuration table says what each one does.
+    """
+
+    openai_api_key: str = setting("OPENAI_API_KEY", "", read=_api_key)
+    openai_base_url: str = setting("OPENAI_BASE_URL", "https://api.openai.com/v1",
+                                   web_address("https://api.openai.com/v1", ("https", "wss")))
+    openai_model: str = setting("OPENAI_MODEL", "gpt-realtime-2.1",
+                                matching(r"\S+", "a model name without spaces, like gpt-realtime-2.1"))
+    openai_connect_timeout: float = setting("OPENAI_CONNECT_TIMEOUT", 10.0, between(0.1, 120))
+    host: str = setting("HOST", "0.0.0.0")
+    port: int = setting("PORT", 8080, between(0, 65535, whole=True))
+    public_url: str = setting("PUBLIC_URL", "", _public_url)
+    log_level: str = setting("LOG_LEVEL", "INFO", one_of("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_transcripts: bool = setting("LOG_TRANSCRIPTS", False, on_or_off)
+    # The agent
+    voice: str = setting("VOICE", "alloy", one_of(*VOICES))
+    instructions: str = setting("INSTRUCTIONS", DEFAULT_INSTRUCTIONS, read=_instructions)
+    # Unlike the other settings, an empty GREETING is meaningful: no greeting.
+    greeting: str = setting("GREETING", DEFAULT_GREETING,
+                            read=lambda env: env.get("GREETING", DEFAULT_GREETING).strip())
+    dtmf: bool = setting("DTMF", True, on_or_off)
+    end_call_tool: bool = setting("END_CALL_TOOL", True, on_or_off)
+    mcp_server_url: str = setting("MCP_SERVER_URL", "", _mcp_server_url)
+    mcp_server_label: str = setting("MCP_SERVER_LABEL", "tools",
+                                    matching(r"[A-Za-z0-9_-]{1,64}", "letters, digits, _ or - (at most 64)"))
+    mcp_authorization: str = setting("MCP_AUTHORIZATION", "")
+    mcp_allowed_tools: tuple[str, ...] = setting("MCP_ALLOWED_TOOLS", (), names(r"[A-Za-z0-9_.-]{1,128}"))
+    # Turns, silences and noise
+    turn_detection: str = setting("TURN_DETECTION", "server_vad", one_of("server_vad", "semantic_vad"))
+    vad_threshold: float = setting("VAD_THRESHOLD", 0.5, between(0, 1))
+    vad_prefix_padding_ms: int = setting("VAD_PREFIX_PADDING_MS", 300, between(0, 5000, whole=True))
+    vad_silence_duration_ms: int = setting("VAD_SILENCE_DURATION_MS", 500, between(0, 10000, whole=True))
+    vad_eagerness: str = setting("VAD_EAGERNESS", "auto", one_of("auto", "low", "medium", "high"))  # auto: medium
+    noise_reduction: str = setting("NOISE_REDUCTION", "near_field", one_of("near_field", "far_field", "off"))
+    idle_seconds: float = setting("IDLE_SECONDS", 10.0, between(0, 600))
+    idle_prompts: int = setting("IDLE_PROMPTS", 2, between(0, 10, whole=True))
+    tool_filler_seconds: float = setting("TOOL_FILLER_SECONDS", 3.0, between(0, 60))
+    # Limits and shutdown
+    max_call_seconds: float = setting("MAX_CALL_SECONDS", 3300.0, between(1, 4 * 3600))
+    max_calls: int = setting("MAX_CALLS", 50, between(1, 100000, whole=True))
+    drain_seconds: float = setting("DRAIN_SECONDS", 10.0, between(0, 3600))
+    warm_sessions: int = setting("WARM_SESSIONS", 0, between(0, 100, whole=True))
+    # Twilio: signatures, REST call control
+    twilio_auth_token: str = setting("TWILIO_AUTH_TOKEN", "", AUTH_TOKEN)
+    twilio_rest: TwilioAccount | None = setting("TWILIO_ACCOUNT_SID", None, read=twilio_account)  # None: no REST
+    transfer_to: str = setting("TRANSFER_TO", "", matching(rf"{E164}|sip:\S+",
+                                                             "an E.164 number (+15551234567) or a sip: URI"))
+    transfer_message: str = setting("TRANSFER_MESSAGE", "")
+    record_calls: bool = setting("RECORD_CALLS", False, on_or_off)
+    # OpenAI sessions that end mid-call
+    session_continuity: bool = setting("SESSION_CONTINUITY", True, on_or_off)
+    reconnect_seconds: float = setting("RECONNECT_SECONDS", 5.0, between(0.5, 60))
+    session_rollover_seconds: float = setting("SESSION_ROLLOVER_SECONDS", 3420.0, between(1, 3500))
+    # After the call
+    call_report_url: str = setting("CALL_REPORT_URL", "", web_address("https://crm.example.com/calls"))
+    call_report_secret: str = setting("CALL_REPORT_SECRET", "")
+    call_summary: bool = setting("CALL_SUMMARY", False, on_or_off)
+    # The browser phone; its token is made afresh at each start when not given.
+    browser_phone: bool = setting("BROWSER_PHONE", False, on_or_off)
+    browser_phone_token: str = setting("BROWSER_PHONE_TOKEN", "", BROWSER_PHONE_TOKEN)
+    warnings: tuple[str, ...] = ()  # settings that are allowed but may not do what was meant
+
+    def __repr__(self) -> str:
+        """Keep the secrets out of any log line or traceback that shows the config."""
+        return f"Config(openai_url={self.openai_url!r}, voice={self.voice!r}, port={self.port})"
+
+    @property
+    def openai_url(self) -> str:
+        """The Realtime WebSocket URL, made from OPENAI_BASE_URL as the official SDK does."""
+        parts = urllib.parse.urlsplit(self.openai_base_url)
+        scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
+        query = urllib.parse.urlencode({"model": self.openai_model})
+        return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path + "/realtime", query, ""))
 
 
 def load_config(env: Mapping[str, str]) -> Config:
-    """Build the configuration from environment variables, or say what is wrong."""
-    api_key = env.get("OPENAI_API_KEY", "").strip()
-    if not api_key:
-        raise ConfigError(
-            "OPENAI_API_KEY is not set. Put OPENAI_API_KEY=sk-... in a .env file "
-            "next to relay.py (see .env.example) or export it in the environment."
-        )
-    if api_key == PLACEHOLDER_API_KEY:
-        raise ConfigError(
-            f"OPENAI_API_KEY is still {PLACEHOLDER_API_KEY}, the example from .env.example: "
-            "replace it in .env with your own key (https://platform.openai.com/api-keys)"
-        )
-    voice = _choice(env, "VOICE", VOICES)
-    log_level = env.get("LOG_LEVEL", "").strip().upper() or "INFO"
-    if log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR; got {log_level!r}")
-    model = env.get("OPENAI_MODEL", "").strip() or "gpt-realtime-2.1"
-    if re.search(r"\s", model):
-        raise ConfigError(f"OPENAI_MODEL must be a model name without spaces, like gpt-realtime-2.1; got {model!r}")
-    base_url = env.get("OPENAI_BASE_URL", "").strip() or "https://api.openai.com/v1"
-    twilio_rest = load_twilio_account(env)
-    transfer_to = env.get("TRANSFER_TO", "").strip()
-    if transfer_to and not re.fullmatch(rf"{E164}|sip:\S+", transfer_to):
-        raise ConfigError(f"TRANSFER_TO must be an E.164 number (+15551234567) or a sip: URI, got {transfer_to!r}")
-    record_calls = _switch(env, "RECORD_CALLS", False)
-    for name, wanted in (("TRANSFER_TO", transfer_to), ("RECORD_CALLS", record_calls)):
-        if wanted and twilio_rest is None:
+    """Read every setting from the environment, or say what is wrong."""
+    settings = {field.name: field.metadata["read"](env) for field in dataclasses.fields(Config) if field.metadata}
+    config = Config(**settings)
+    for name, wanted in (("TRANSFER_TO", config.transfer_to), ("RECORD_CALLS", config.record_calls)):
+        if wanted and config.twilio_rest is None:
             raise ConfigError(f"{name} needs Twilio's REST API: set TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
                               "(or TWILIO_API_KEY and TWILIO_API_SECRET)")
-    instructions = env.get("INSTRUCTIONS", "").strip() or DEFAULT_INSTRUCTIONS + (
-        TRANSFER_INSTRUCTIONS if transfer_to else ""
-    )
-    session_continuity = _switch(env, "SESSION_CONTINUITY", True)
-    max_call_seconds = _number(env, "MAX_CALL_SECONDS", 3300, 1, 4 * 3600)
-    if max_call_seconds > 3600 and not session_continuity:
+    if config.max_call_seconds > 3600 and not config.session_continuity:
         raise ConfigError("MAX_CALL_SECONDS above 3600 needs SESSION_CONTINUITY=on: "
                           "OpenAI ends every session after 60 minutes")
-    turn_detection = _choice(env, "TURN_DETECTION", TURN_DETECTIONS)
-    report_url = env.get("CALL_REPORT_URL", "").strip()
-    if report_url:
-        _url("CALL_REPORT_URL", report_url, "https://crm.example.com/calls")
-    report_secret = env.get("CALL_REPORT_SECRET", "").strip()
-    call_summary = _switch(env, "CALL_SUMMARY", False)
-    if call_summary and not report_url:
+    if config.call_summary and not config.call_report_url:
         raise ConfigError("CALL_SUMMARY=on needs CALL_REPORT_URL: the summary goes into the call's report")
-    browser_phone = _switch(env, "BROWSER_PHONE", False)
-    phone_token = env.get("BROWSER_PHONE_TOKEN", "").strip()
-    if phone_token and not re.fullmatch(r"[A-Za-z0-9_-]{16,}", phone_token):
-        # Never echo a secret, not even a wrong one.
-        raise ConfigError(f"BROWSER_PHONE_TOKEN must be at least 16 letters, digits, - or _ (it goes in a URL); "
-                          f"this value is not ({len(phone_token)} characters)")
-    warnings = _turn_detection_warnings(env, turn_detection)
-    if report_url and not report_secret:
-        warnings += (("CALL_REPORT_URL is set without CALL_REPORT_SECRET: reports go unsigned, so the "
-                      "receiver cannot tell they come from this relay"),)
-    mcp_label = env.get("MCP_SERVER_LABEL", "").strip() or "tools"
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", mcp_label):
-        raise ConfigError(f"MCP_SERVER_LABEL must be letters, digits, _ or - (at most 64), got {mcp_label!r}")
-    return Config(
-        openai_api_key=api_key,
-        openai_url=realtime_url(base_url, model),
-        openai_model=model,
-        host=env.get("HOST", "").strip() or "0.0.0.0",
-        port=_whole_number(env, "PORT", 8080, 0, 65535),
-        voice=voice,
-        instructions=instructions,
-        turn_detection=turn_detection,
-        vad_threshold=_number(env, "VAD_THRESHOLD", 0.5, 0.0, 1.0),
-        vad_prefix_padding_ms=_whole_number(env, "VAD_PREFIX_PADDING_MS", 300, 0, 5000),
-        vad_silence_duration_ms=_whole_number(env, "VAD_SILENCE_DURATION_MS", 500, 0, 10000),
-        vad_eagerness=_choice(env, "VAD_EAGERNESS", EAGERNESSES),
-        noise_reduction=_choice(env, "NOISE_REDUCTION", NOISE_REDUCTIONS),
-        idle_seconds=_number(env, "IDLE_SECONDS", 10, 0, 600),
-        idle_prompts=_whole_number(env, "IDLE_PROMPTS", 2, 0, 10),
-        tool_filler_seconds=_number(env, "TOOL_FILLER_SECONDS", 3, 0, 60),
-        log_level=log_level,
-        drain_seconds=_number(env, "DRAIN_SECONDS", 10, 0, 3600),
-        openai_connect_timeout=_number(env, "OPENAI_CONNECT_TIMEOUT", 10, 0.1, 120),
-        # Unlike the other settings, an empty GREETING is meaningful: no greeting.
-        greeting=env.get("GREETING", DEFAULT_GREETING).strip(),
-        dtmf=_switch(env, "DTMF", True),
-        end_call_tool=_switch(env, "END_CALL_TOOL", True),
-        max_call_seconds=max_call_seconds,
-        log_transcripts=_switch(env, "LOG_TRANSCRIPTS", False),
-        twilio_auth_token=_auth_token(env),
-        public_url=_public_url(env.get("PUBLIC_URL", "").strip()),
-        max_calls=_whole_number(env, "MAX_CALLS", 50, 1, 100000),
-        warm_sessions=_whole_number(env, "WARM_SESSIONS", 0, 0, 100),
-        mcp_server_url=_mcp_server_url(env.get("MCP_SERVER_URL", "").strip()),
-        mcp_server_label=mcp_label,
-        mcp_authorization=env.get("MCP_AUTHORIZATION", "").strip(),
-        mcp_allowed_tools=_names(env, "MCP_ALLOWED_TOOLS", r"[A-Za-z0-9_.-]{1,128}"),
-        twilio_rest=twilio_rest,
-        transfer_to=transfer_to,
-        transfer_message=env.get("TRANSFER_MESSAGE", "").strip(),
-        record_calls=record_calls,
-        session_continuity=session_continuity,
-        reconnect_seconds=_number(env, "RECONNECT_SECONDS", 5, 0.5, 60),
-        session_rollover_seconds=_number(env, "SESSION_ROLLOVER_SECONDS", 3420, 1, 3500),
-        call_report_url=report_url,
-        call_report_secret=report_secret,
-        call_summary=call_summary,
-        browser_phone=browser_phone,
-        # Made afresh at each start when not given: the start-up line shows the page's URL with it.
-        browser_phone_token=(phone_token or secrets.token_urlsafe(18)) if browser_phone else "",
-        warnings=warnings,
-    )
+    return dataclasses.replace(config, warnings=doubtful_settings(env, config),
+                               browser_phone_token=config.browser_phone_token or secrets.token_urlsafe(18))
+
+
+def doubtful_settings(env: Mapping[str, str], config: Config) -> tuple[str, ...]:
+    """Settings that are allowed but may not do what was meant: start-up warns about them."""
+    warnings = []
+    ignored = [name for name in SERVER_VAD_SETTINGS if env.get(name, "").strip()]
+    if config.turn_detection == "semantic_vad" and ignored:
+        warnings.append(f"TURN_DETECTION=semantic_vad ignores {', '.join(ignored)} (settings of server_vad)")
+    if config.turn_detection == "server_vad" and env.get("VAD_EAGERNESS", "").strip():
+        warnings.append("TURN_DETECTION=server_vad ignores VAD_EAGERNESS (a setting of semantic_vad)")
+    if config.call_report_url and not config.call_report_secret:
+        warnings.append("CALL_REPORT_URL is set without CALL_REPORT_SECRET: reports go unsigned, so the "
+                        "receiver cannot tell they come from this relay")
+    return tuple(warnings)
 
 
 # 3. What the relay tells OpenAI ----------------------------------------------
@@ -3384,18 +3335,19 @@ def place_call(to: str, greeting: str | None, instructions: str | None, params: 
     """
     load_dotenv()
     try:
-        account = load_twilio_account(os.environ)
+        account = twilio_account(os.environ)
         if account is None:
             raise ConfigError("outbound calls need TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN "
                               "(or TWILIO_API_KEY and TWILIO_API_SECRET)")
         caller_id = os.environ.get("TWILIO_PHONE_NUMBER", "").strip()
         if not caller_id:
             raise ConfigError("outbound calls need TWILIO_PHONE_NUMBER, the Twilio number to call from")
-        caller_id = _phone_number("TWILIO_PHONE_NUMBER", caller_id)
-        public_url = _public_url(os.environ.get("PUBLIC_URL", "").strip())
+        caller_id = PHONE_NUMBER("TWILIO_PHONE_NUMBER", caller_id)
+        public_url = os.environ.get("PUBLIC_URL", "").strip()
         if not public_url:
             raise ConfigError("outbound calls need PUBLIC_URL, the relay's address Twilio connects the call to")
-        to = _phone_number("the number to call", to)
+        public_url = _public_url("PUBLIC_URL", public_url)
+        to = PHONE_NUMBER("the number to call", to)
         parameters = {"direction": "outbound"}
         for param in params:
             name, equals, value = param.partition("=")
