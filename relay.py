@@ -1315,7 +1315,7 @@ class Phone:
         if not isinstance(delta, str) or not isinstance(item_id, str) or not self.stream_sid:
             return False
         if item_id in self.playback.muted:
-            self.stats.dropped["interrupted_answer"] += 1
+            self.stats.count("relay_frames_dropped_total", "interrupted_answer")
             return False  # the rest of an answer the caller has already interrupted
         size = decoded_size(delta)
         self.stats.frames_out += 1
@@ -1549,7 +1549,7 @@ class Outbox:
         kept: collections.deque[Any] = self.audio if isinstance(event, str) else self.events
         if len(kept) == kept.maxlen:
             what = "audio" if kept is self.audio else "event"
-            self.stats.dropped[f"early_{what}_overflow"] += 1
+            self.stats.count("relay_frames_dropped_total", f"early_{what}_overflow")
             self.log.warn_once(what, "OpenAI is slow to connect: dropping the oldest caller %s kept for it", what)
         kept.append(event)
 
@@ -1623,7 +1623,7 @@ class OpenAILink:
                     timeout = max(0.1, min(timeout, deadline - time.monotonic()))
                 session = await OpenAISession.dial(self.config, timeout)
                 seconds = time.monotonic() - session.opened_at
-                self.relay.stats.openai_connect.observe(seconds)
+                self.relay.stats.observe("relay_openai_connect_seconds", seconds)
                 self.log.info("OpenAI connected in %.0f ms", seconds * 1000)
             self.session = session
             self.call.record.sessions += 1
@@ -1720,7 +1720,7 @@ class Continuity:
         if not await call.link.open(self.gap_deadline, history + pick_up):
             return False
         await call.carry_out(call.floor.ready())
-        call.relay.stats.reconnects[reason] += 1
+        call.relay.stats.count("relay_openai_reconnects_total", reason)
         call.record.reconnects += 1
         call.log.info("OpenAI session %s after %.1f s: %d turn(s) of conversation restored%s",
                       "rolled over" if reason == "rollover" else "replaced", time.monotonic() - gap_started,
@@ -1798,11 +1798,11 @@ class DeadAir:
             return
         stats = call.relay.stats
         if whose == "tool":
-            stats.tool_fillers += 1
+            stats.count("relay_tool_fillers_total")
             call.log.info("a tool is still running %g s after the agent's last words: the agent fills the wait",
                           call.config.tool_filler_seconds)
         elif call.floor.ending is None:
-            stats.idle_check_ins += 1
+            stats.count("relay_idle_check_ins_total")
             call.log.info("the caller has said nothing for %g s: the agent checks in (%d of %d)",
                           call.config.idle_seconds, call.floor.check_ins, call.floor.idle_prompts)
         else:
@@ -1847,7 +1847,7 @@ class CallControl:
 
     async def hang_up(self, end: End) -> None:
         call = self.call
-        call.relay.stats.hang_ups[end.cause] += 1
+        call.relay.stats.count("relay_hang_ups_total", end.cause)
         call.log.info("hanging up: %s", end.reason)
         if call.config.twilio_rest and call.call_sid and not call.browser:
             with contextlib.suppress(TwilioError):
@@ -1864,9 +1864,9 @@ class CallControl:
         try:
             await self.twilio_rest("transfer", "", {"Twiml": transfer_twiml(call.config)})
         except TwilioError as error:
-            call.relay.stats.transfers["failed"] += 1
+            call.relay.stats.count("relay_transfers_total", "failed")
             return str(error)
-        call.relay.stats.transfers["ok"] += 1
+        call.relay.stats.count("relay_transfers_total", "ok")
         call.log.info("transferred to %s", target)
         return ""
 
@@ -1920,8 +1920,8 @@ class ToolRunner:
         name, session, started = str(item.get("name")), self.call.link.outbox.live, time.monotonic()
         outcome, output = await self.call_tool(name, item.get("arguments"))
         seconds = time.monotonic() - started
-        self.call.relay.stats.tool_calls[name if name in self.call.relay.tools else "unknown", outcome] += 1
-        self.call.relay.stats.tool_seconds.observe(seconds)
+        self.call.relay.stats.count("relay_tool_calls_total", name if name in self.call.relay.tools else "unknown", outcome)
+        self.call.relay.stats.observe("relay_tool_call_seconds", seconds)
         await self.call.show({"event": "tool", **self.call.record.tool(name, outcome, seconds)})
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
         summary = tool_note(name, item.get("arguments"), output)
@@ -2184,8 +2184,9 @@ class Call:
     def count_tokens(self, response: Any) -> None:
         """A response is done: add its tokens to the call's and the relay's."""
         usage = response.get("usage") if isinstance(response, dict) else None
-        for kind, count in self.record.response_done(usage).items():
-            self.relay.stats.tokens[kind] += count
+        counts = self.record.response_done(usage)
+        for direction, kind in TOKEN_KINDS:
+            self.relay.stats.count("relay_tokens_total", direction, kind, n=counts.get(f"{direction}_{kind}", 0))
 
     def report(self, how: str, ended_at: datetime.datetime) -> dict[str, Any]:
         """The call's report, for CALL_REPORT_URL; every field is in README, After the call."""
@@ -2320,7 +2321,7 @@ class Call:
         if isinstance(parameters, dict):
             self.parameters = {str(name): str(value) for name, value in parameters.items()}
         self.phone.start(start["streamSid"])
-        self.relay.stats.directions[self.direction] += 1
+        self.relay.stats.count("relay_calls_started_total", self.direction)
         # Names only: the values may be personal data.
         self.log.info("stream started (direction %s, custom parameters: %s)", self.direction,
                       ", ".join(sorted(self.parameters)) or "none")
@@ -2399,7 +2400,7 @@ class Call:
             return
         if kind == "response.output_audio.delta":
             if await self.phone.play(event) and self.record.caller_done_at is not None:
-                self.relay.stats.reply_seconds.observe(self.record.answered())
+                self.relay.stats.observe("relay_reply_seconds", self.record.answered())
         elif kind == "input_audio_buffer.speech_started":
             session.worked = True
             self.floor.speech_started()
@@ -2452,7 +2453,7 @@ class Call:
                                      "content_index": cut.content_index, "audio_end_ms": cut.heard_ms})
         self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
         await self.show_turn(cut.item_id)
-        self.relay.stats.barge_ins += 1
+        self.relay.stats.count("relay_barge_ins_total")
         self.record.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
 
@@ -2539,6 +2540,37 @@ class Call:
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
 
 
+# What /metrics shows, in this order: each metric's name, type and help, then the labels it is
+# counted by (Stats.count) or, for a histogram, the upper bounds of its buckets (Stats.observe).
+METRICS: tuple[tuple[str, str, str, tuple[Any, ...]], ...] = (
+    ("relay_calls_active", "gauge", "Calls in progress.", ()),
+    ("relay_calls_total", "counter", "Calls accepted.", ()),
+    ("relay_calls_started_total", "counter", "Streams started, by direction (browser: /phone).", ("direction",)),
+    ("relay_calls_refused_total", "counter", "Handshakes refused, by reason.", ("reason",)),
+    ("relay_call_duration_seconds", "histogram", "Length of finished calls.", (10, 30, 60, 120, 300, 600, 1800, 3600)),
+    ("relay_openai_connect_seconds", "histogram", "Time to open the OpenAI WebSocket.", (0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
+    ("relay_errors_total", "counter", "Errors, by kind.", ("kind",)),
+    ("relay_audio_frames_total", "counter", "Audio messages forwarded, by direction.", ("direction",)),
+    ("relay_audio_bytes_total", "counter", "Audio bytes (mu-law) forwarded, by direction.", ("direction",)),
+    ("relay_barge_ins_total", "counter", "Times the caller interrupted the agent.", ()),
+    ("relay_frames_dropped_total", "counter", "Audio messages dropped, by reason.", ("reason",)),
+    ("relay_tool_calls_total", "counter", "Tool calls run by the relay, by tool and outcome.", ("tool", "outcome")),
+    ("relay_tool_call_seconds", "histogram", "Time tools took, timeouts included.", (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+    ("relay_transfers_total", "counter", "Transfers to TRANSFER_TO, by outcome.", ("outcome",)),
+    ("relay_openai_reconnects_total", "counter", "Calls carried over to a new OpenAI session, by reason.", ("reason",)),
+    ("relay_hang_ups_total", "counter", "Calls the relay hung up, by cause (silence: an idle caller).", ("cause",)),
+    ("relay_idle_check_ins_total", "counter", "Times the agent asked a silent caller if they are there.", ()),
+    ("relay_tool_fillers_total", "counter", "Lines the agent said to fill a slow tool's wait.", ()),
+    ("relay_tokens_total", "counter", "OpenAI tokens, from every response.done (cached: part of input).",
+     ("direction", "kind")),
+    ("relay_reply_seconds", "histogram", "From the caller's end of speech to the answer's first audio.",
+     (0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10)),
+    ("relay_outbound_answered_total", "counter", "Outbound calls by who answered (AnsweredBy).", ("answered_by",)),
+    ("relay_call_reports_total", "counter", "Call reports sent to CALL_REPORT_URL, by outcome.", ("outcome",)),
+)
+TOKEN_KINDS = (("input", "text"), ("input", "audio"), ("input", "cached"), ("output", "text"), ("output", "audio"))
+
+
 class Histogram:
     """A Prometheus histogram: counts per upper bound, a sum and a count."""
 
@@ -2561,42 +2593,57 @@ class Histogram:
                 f"{name}_count {self.count}"]
 
 
-@dataclasses.dataclass
 class Stats:
-    """What the relay has done since it started: shown by /health and /metrics."""
+    """What the relay has done since it started, for /health and /metrics (see METRICS)."""
 
-    started: float = dataclasses.field(default_factory=time.monotonic)
-    total: int = 0
-    barge_ins: int = 0
-    frames_in: int = 0  # caller audio frames forwarded to OpenAI
-    bytes_in: int = 0
-    frames_out: int = 0  # agent audio chunks forwarded to Twilio
-    bytes_out: int = 0
-    errors: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    refused: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    dropped: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    call_seconds: Histogram = dataclasses.field(
-        default_factory=lambda: Histogram((10, 30, 60, 120, 300, 600, 1800, 3600))
-    )
-    openai_connect: Histogram = dataclasses.field(
-        default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-    )
-    tool_calls: collections.Counter[tuple[str, str]] = dataclasses.field(default_factory=collections.Counter)
-    transfers: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    reconnects: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    hang_ups: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    answered_by: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    directions: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    tokens: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)  # see token_counts
-    reports: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    reply_seconds: Histogram = dataclasses.field(
-        default_factory=lambda: Histogram((0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10))
-    )
-    idle_check_ins: int = 0
-    tool_fillers: int = 0
-    tool_seconds: Histogram = dataclasses.field(
-        default_factory=lambda: Histogram((0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-    )
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self.calls = 0  # accepted so far: each call's number
+        # Plain numbers, not counts by label: they change with every audio message.
+        self.frames_in = self.bytes_in = 0  # caller audio forwarded to OpenAI
+        self.frames_out = self.bytes_out = 0  # agent audio forwarded to Twilio
+        self.counts: collections.Counter[tuple[str, ...]] = collections.Counter()  # (metric, *labels) -> n
+        self.counts.update({("relay_tokens_total", *kind): 0 for kind in TOKEN_KINDS})  # shown from the start
+        self.histograms = {name: Histogram(bounds) for name, kind, _, bounds in METRICS if kind == "histogram"}
+
+    def count(self, metric: str, *labels: str, n: int = 1) -> None:
+        self.counts[(metric, *labels)] += n
+
+    def observe(self, metric: str, value: float) -> None:
+        self.histograms[metric].observe(value)
+
+    def errors(self, kind: str | None = None) -> int:
+        """Errors of one kind, or of every kind."""
+        if kind is not None:
+            return self.counts["relay_errors_total", kind]
+        return sum(n for key, n in self.counts.items() if key[0] == "relay_errors_total")
+
+    def lines(self, active: int) -> list[str]:
+        """Every metric in Prometheus' text format, with ``active`` calls in progress."""
+        samples: dict[str, list[tuple[tuple[str, ...], int]]] = collections.defaultdict(list)
+        current = {("relay_calls_active",): active, ("relay_calls_total",): self.calls,
+                 ("relay_audio_frames_total", "caller_to_openai"): self.frames_in,
+                 ("relay_audio_frames_total", "openai_to_caller"): self.frames_out,
+                 ("relay_audio_bytes_total", "caller_to_openai"): self.bytes_in,
+                 ("relay_audio_bytes_total", "openai_to_caller"): self.bytes_out}
+        for (name, *values), n in sorted({**self.counts, **current}.items()):
+            samples[name].append((tuple(values), n))
+        lines: list[str] = []
+        for name, kind, help_text, labels in METRICS:
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                lines += self.histograms[name].lines(name)
+            elif not labels:
+                lines.append(f"{name} {dict(samples[name]).get((), 0)}")
+            else:
+                lines += [f"{name}{{{label_pairs(labels, values)}}} {n}" for values, n in samples[name]]
+        return lines
+
+
+def label_pairs(labels: tuple[str, ...], values: tuple[str, ...]) -> str:
+    """Prometheus labels, their values escaped: a tool's name, say, must not break the format."""
+    escaped = (value.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n") for value in values)
+    return ",".join(f'{label}="{value}"' for label, value in zip(labels, escaped, strict=True))
 
 
 def report_signature(secret: str, body: bytes, timestamp: int) -> str:
@@ -2674,7 +2721,7 @@ class CallReports:
         while True:
             problem, retry = await in_a_thread_of_its_own(post_report, self.config, call_sid, body)
             if not problem:
-                self.stats.reports["delivered"] += 1
+                self.stats.count("relay_call_reports_total", "delivered")
                 log.info("call report delivered")
                 return
             pause = next(pauses, None) if retry else None
@@ -2682,7 +2729,7 @@ class CallReports:
                 break
             log.warning("call report not delivered yet: %s; trying again in %g s", problem, pause)
             await asyncio.sleep(pause)
-        self.stats.reports["failed"] += 1
+        self.stats.count("relay_call_reports_total", "failed")
         log.error("call report for %s could not be delivered: %s", call_sid, problem)
 
     async def drain(self, seconds: float) -> None:
@@ -2692,7 +2739,7 @@ class CallReports:
         logger.info("delivering %d call report(s), for up to %g s", len(self.sending), seconds)
         _, late = await asyncio.wait(list(self.sending), timeout=seconds)
         for task in late:
-            self.stats.reports["failed"] += 1
+            self.stats.count("relay_call_reports_total", "failed")
             logger.error("call report for %s could not be delivered before shutdown", self.sending[task])
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
@@ -2713,7 +2760,7 @@ class Relay:
         self.draining = False  # set at shutdown: running calls finish, new ones are refused
 
     def count_error(self, kind: str) -> None:
-        self.stats.errors[kind] += 1
+        self.stats.count("relay_errors_total", kind)
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         """Answer the plain HTTP routes; check every other request before it becomes a call.
@@ -2799,7 +2846,7 @@ class Relay:
         return connection.form
 
     def refuse(self, connection: ServerConnection, request: Request, reason: str, status: int, text: str) -> Response:
-        self.stats.refused[reason] += 1
+        self.stats.count("relay_calls_refused_total", reason)
         logger.warning("refused %s %s from %s: %s", request.method, urllib.parse.urlsplit(request.path).path,
                        remote_address(connection), text.strip())
         return connection.respond(status, text)
@@ -2851,7 +2898,7 @@ class Relay:
         voicemail = own.pop("voicemail", "")
         answered_by = fields.get("AnsweredBy", "")
         if answered_by:
-            self.stats.answered_by[answered_by if answered_by in ANSWERED_BY else "other"] += 1
+            self.stats.count("relay_outbound_answered_total", answered_by if answered_by in ANSWERED_BY else "other")
         machine = answered_by.startswith("machine") and bool(voicemail)
         answer = f", answered by {answered_by[:40]}" if answered_by else ""
         if answered_by == "fax" or (machine and voicemail == "hangup"):
@@ -2882,8 +2929,8 @@ class Relay:
             "status": "healthy",
             "uptime": f"{time.monotonic() - self.stats.started:.0f}s",
             "timestamp": iso_utc(now),
-            "connections": {"active": len(self.calls), "total": self.stats.total},
-            "errors": sum(self.stats.errors.values()),
+            "connections": {"active": len(self.calls), "total": self.stats.calls},
+            "errors": self.stats.errors(),
             "openai_configured": True,
         }
 
@@ -2899,63 +2946,13 @@ class Relay:
 
     def metrics(self) -> str:
         """The Prometheus text format, written by hand: it is a few lines of text."""
-        stats = self.stats
-        lines: list[str] = []
-
-        def metric(name: str, kind: str, help_text: str, samples: list[str]) -> None:
-            lines.extend([f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *samples])
-
-        def single(name: str, help_text: str, value: float, kind: str = "counter") -> None:
-            metric(name, kind, help_text, [f"{name} {value}"])
-
-        def labelled(name: str, help_text: str, label: str, counts: Mapping[str, int]) -> None:
-            metric(name, "counter", help_text, [f'{name}{{{label}="{key}"}} {n}' for key, n in sorted(counts.items())])
-
-        def histogram(name: str, help_text: str, values: Histogram) -> None:
-            metric(name, "histogram", help_text, values.lines(name))
-
-        single("relay_calls_active", "Calls in progress.", len(self.calls), "gauge")
-        single("relay_calls_total", "Calls accepted.", stats.total)
-        labelled("relay_calls_started_total", "Streams started, by direction (browser: /phone).", "direction",
-                 stats.directions)
-        labelled("relay_calls_refused_total", "Handshakes refused, by reason.", "reason", stats.refused)
-        histogram("relay_call_duration_seconds", "Length of finished calls.", stats.call_seconds)
-        histogram("relay_openai_connect_seconds", "Time to open the OpenAI WebSocket.", stats.openai_connect)
-        labelled("relay_errors_total", "Errors, by kind.", "kind", stats.errors)
-        labelled("relay_audio_frames_total", "Audio messages forwarded, by direction.", "direction",
-                 {"caller_to_openai": stats.frames_in, "openai_to_caller": stats.frames_out})
-        labelled("relay_audio_bytes_total", "Audio bytes (mu-law) forwarded, by direction.", "direction",
-                 {"caller_to_openai": stats.bytes_in, "openai_to_caller": stats.bytes_out})
-        single("relay_barge_ins_total", "Times the caller interrupted the agent.", stats.barge_ins)
-        labelled("relay_frames_dropped_total", "Audio messages dropped, by reason.", "reason", stats.dropped)
-        metric("relay_tool_calls_total", "counter", "Tool calls run by the relay, by tool and outcome.",
-               [f'relay_tool_calls_total{{tool="{tool}",outcome="{outcome}"}} {count}'
-                for (tool, outcome), count in sorted(stats.tool_calls.items())])
-        histogram("relay_tool_call_seconds", "Time tools took, timeouts included.", stats.tool_seconds)
-        labelled("relay_transfers_total", "Transfers to TRANSFER_TO, by outcome.", "outcome", stats.transfers)
-        labelled("relay_openai_reconnects_total", "Calls carried over to a new OpenAI session, by reason.", "reason",
-                 stats.reconnects)
-        labelled("relay_hang_ups_total", "Calls the relay hung up, by cause (silence: an idle caller).", "cause",
-                 stats.hang_ups)
-        single("relay_idle_check_ins_total", "Times the agent asked a silent caller if they are there.",
-               stats.idle_check_ins)
-        single("relay_tool_fillers_total", "Lines the agent said to fill a slow tool's wait.", stats.tool_fillers)
-        metric("relay_tokens_total", "counter", "OpenAI tokens, from every response.done (cached: part of input).",
-               [f'relay_tokens_total{{direction="{direction}",kind="{kind}"}} {stats.tokens[f"{direction}_{kind}"]}'
-                for direction, kind in TOKEN_KINDS])
-        histogram("relay_reply_seconds", "From the caller's end of speech to the answer's first audio.",
-                  stats.reply_seconds)
-        labelled("relay_outbound_answered_total", "Outbound calls by who answered (AnsweredBy).", "answered_by",
-                 stats.answered_by)
-        labelled("relay_call_reports_total", "Call reports sent to CALL_REPORT_URL, by outcome.", "outcome",
-                 stats.reports)
-        return "\n".join(lines) + "\n"
+        return "\n".join(self.stats.lines(len(self.calls))) + "\n"
 
     async def handle(self, twilio: ServerConnection) -> None:
         """Carry one call from accept to hang-up."""
-        self.stats.total += 1
+        self.stats.calls += 1
         browser = twilio.request is not None and urllib.parse.urlsplit(twilio.request.path).path == "/browser-phone"
-        call = Call(self, twilio, self.stats.total, browser)
+        call = Call(self, twilio, self.stats.calls, browser)
         self.calls.add(call)
         call.log.info("%s connected from %s (%d active)", "The browser phone" if browser else "Twilio",
                       remote_address(twilio), len(self.calls))
@@ -2964,11 +2961,9 @@ class Relay:
             await call.run()
         finally:
             self.calls.discard(call)
-            self.stats.call_seconds.observe(time.monotonic() - started)
+            self.stats.observe("relay_call_duration_seconds", time.monotonic() - started)
             await call.wrap_up(len(self.calls))
 
-
-TOKEN_KINDS = (("input", "text"), ("input", "audio"), ("input", "cached"), ("output", "text"), ("output", "audio"))
 
 # Twilio's answers to answering machine detection; anything else is counted as "other".
 ANSWERED_BY = ("human", "machine_start", "machine_end_beep", "machine_end_silence", "machine_end_other", "fax",
@@ -3321,7 +3316,7 @@ async def main() -> None:
     stats = relay.stats
     logger.info(
         "stopped: %d call(s) served, %d error(s), up %.0f s",
-        stats.total, sum(stats.errors.values()), time.monotonic() - stats.started,
+        stats.calls, stats.errors(), time.monotonic() - stats.started,
     )
 
 

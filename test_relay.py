@@ -1593,7 +1593,7 @@ def test_a_frame_over_the_cap_closes_only_that_call(caplog: pytest.LogCaptureFix
             assert twilio.close_code == 1009
             await bystander.send_media([audio(2, 0)])
             await eventually(lambda: any(s.caller_audio() == pcm([audio(2, 0)]) for s in fake.sessions))
-            assert the_relay.stats.errors["twilio_frame_too_big"] == 1
+            assert the_relay.stats.errors("twilio_frame_too_big") == 1
             await asyncio.gather(twilio.shutdown(), bystander.close())
 
     with caplog.at_level(logging.INFO, logger="relay"):
@@ -1635,7 +1635,7 @@ def test_a_socket_that_never_starts_a_stream_is_closed() -> None:
             idle = await FakeTwilio(url).open(start=False)
             await idle.closed.wait()
             assert idle.close_code == 1008
-            assert the_relay.stats.errors["no_start"] == 1
+            assert the_relay.stats.errors("no_start") == 1
             await idle.shutdown()
 
     run(scenario, limit=relay.START_TIMEOUT + 10)
@@ -1668,7 +1668,7 @@ async def call_under_attack() -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, st
             await sending
             await eventually(lambda: any(s.caller_audio() == pcm(frames) for s in fake.sessions))
             assert (await health(the_relay))["connections"]["active"] >= 1
-            assert the_relay.stats.errors["relay_bug"] == 0
+            assert the_relay.stats.errors("relay_bug") == 0
 
         yield fake, the_relay, url, check
         await normal.close()
@@ -1683,7 +1683,7 @@ def test_hostile_frames_beside_a_normal_call(caplog: pytest.LogCaptureFixture) -
                 await hostile.send(frame)
             await hostile.send_media([audio(2, 0)])  # the hostile call itself still works
             await eventually(lambda: any(s.caller_audio() == pcm([audio(2, 0)]) for s in fake.sessions))
-            assert the_relay.stats.errors["bad_twilio_input"] == len(HOSTILE_FRAMES)  # each counted once
+            assert the_relay.stats.errors("bad_twilio_input") == len(HOSTILE_FRAMES)  # each counted once
             flood = await FakeTwilio(url, 3).open()
             for _ in range(10_000):
                 await flood.send("{}")
@@ -1698,8 +1698,8 @@ def test_hostile_frames_beside_a_normal_call(caplog: pytest.LogCaptureFixture) -
             reset.ws.transport.abort()  # type: ignore[union-attr]
             await normal_call_is_intact()
             await eventually(lambda: len(the_relay.calls) == 3)  # normal, hostile, flood
-            assert the_relay.stats.errors["bad_twilio_input"] >= 10_000
-            assert the_relay.stats.errors["twilio_connection_lost"] == 2  # non-UTF-8, reset
+            assert the_relay.stats.errors("bad_twilio_input") >= 10_000
+            assert the_relay.stats.errors("twilio_connection_lost") == 2  # non-UTF-8, reset
             silent_writer.close()
             await asyncio.gather(hostile.close(), flood.close(), non_utf8.shutdown(), reset.shutdown())
 
@@ -2107,7 +2107,7 @@ def test_failing_tools_and_bad_calls_give_the_model_an_error_and_the_call_goes_o
             await eventually(lambda: len(session.of_type("response.create")) == 1)
             await session.say("item_a", speech(1, 2))  # the call goes on
             await eventually(lambda: len(twilio.media) == 2)
-            assert len(the_relay.calls) == 1 and the_relay.stats.errors["relay_bug"] == 0
+            assert len(the_relay.calls) == 1 and the_relay.stats.errors("relay_bug") == 0
             numbers = await metrics(the_relay)
             for name, _, outcome in calls.values():
                 label = "unknown" if name == "launch_rockets" else name
@@ -2210,7 +2210,7 @@ def test_a_remote_mcp_server_is_offered_and_its_failures_are_logged(caplog: pyte
             await eventually(lambda: len(session.of_type("response.create")) == 1)
             await session.say("item_a", speech(1, 1))  # the call goes on
             await eventually(lambda: len(twilio.media) == 1)
-            assert the_relay.stats.errors["mcp_list_tools"] == 1
+            assert the_relay.stats.errors("mcp_list_tools") == 1
 
     with caplog.at_level(logging.DEBUG, logger="relay"):
         run(scenario)
@@ -2586,7 +2586,7 @@ def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: 
             assert path == f"/2010-04-01/Accounts/{ACCOUNT_SID}/Calls/{twilio.call_sid}.json"
             assert fields == {"Status": "completed"}
             assert rest.played_at_request == [5 * CHUNK_MS * 8]  # after the goodbye had played
-            assert the_relay.stats.errors["twilio_rest"] == 0
+            assert the_relay.stats.errors("twilio_rest") == 0
 
     with caplog.at_level(logging.DEBUG):
         run(scenario)
@@ -2610,7 +2610,7 @@ def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
             await twilio.closed.wait()
             assert twilio.close_code == 1000  # Twilio then plays the TwiML after <Connect>
             assert not any(event["event"] == "stop" for event in twilio.received)
-            assert the_relay.stats.errors["twilio_rest"] == 1
+            assert the_relay.stats.errors("twilio_rest") == 1
             assert (await health(the_relay))["errors"] == 1
 
     with caplog.at_level(logging.DEBUG):
@@ -2696,7 +2696,7 @@ def test_calls_are_recorded_from_the_start_when_asked(failure: str, caplog: pyte
             assert fields == {"RecordingChannels": "dual"}
             await twilio.send_media([audio(1, i) for i in range(3)])  # the call goes on either way
             await eventually(lambda: session.caller_audio() == pcm([audio(1, i) for i in range(3)]))
-            assert the_relay.stats.errors["twilio_rest"] == (1 if failure else 0)
+            assert the_relay.stats.errors("twilio_rest") == (1 if failure else 0)
 
     with caplog.at_level(logging.INFO):
         run(scenario)
@@ -3298,7 +3298,7 @@ def test_reports_are_retried_after_server_errors_only(
         async with FakeReceiver(*statuses).running() as receiver, rest_call(
                 CALL_REPORT_URL=receiver.url, CALL_REPORT_SECRET=REPORT_SECRET) as (_, the_relay, twilio, _):
             await twilio.stop()
-            await eventually(lambda: the_relay.stats.reports[outcome] == 1, limit=5)
+            await eventually(lambda: the_relay.stats.counts["relay_call_reports_total", outcome] == 1, limit=5)
             await asyncio.sleep(0.3)
             assert len(receiver.posts) == posts
             assert len({headers["idempotency-key"] for headers, _ in receiver.posts}) == 1
@@ -3327,7 +3327,7 @@ def test_a_report_to_a_server_that_is_down_is_retried_then_counted_as_failed(
     async def scenario() -> None:
         async with rest_call(CALL_REPORT_URL=f"http://127.0.0.1:{port}/calls") as (_, the_relay, twilio, _):
             await twilio.stop()
-            await eventually(lambda: the_relay.stats.reports["failed"] == 1, limit=5)
+            await eventually(lambda: the_relay.stats.counts["relay_call_reports_total", "failed"] == 1, limit=5)
 
     with caplog.at_level(logging.INFO, logger="relay"):
         run(scenario)
@@ -3347,7 +3347,7 @@ def test_reports_on_their_way_at_shutdown_get_drain_seconds_then_an_error_line(
                 await twilio.stop()
                 await eventually(lambda: bool(receiver.posts), limit=5)
                 await the_relay.reports.drain(0.2)
-                assert the_relay.stats.reports["failed"] == 1 and not the_relay.reports.sending
+                assert the_relay.stats.counts["relay_call_reports_total", "failed"] == 1 and not the_relay.reports.sending
                 receiver.answering.set()
 
     with caplog.at_level(logging.INFO, logger="relay"):
@@ -4172,7 +4172,7 @@ def test_both_sides_dying_at_once_end_the_call_without_a_relay_bug() -> None:
             twilio.ws.transport.abort()  # type: ignore[union-attr]
             first.ws.transport.abort()
             await eventually(lambda: not the_relay.calls)
-            assert the_relay.stats.errors["relay_bug"] == 0
+            assert the_relay.stats.errors("relay_bug") == 0
 
     run(scenario)
 
