@@ -1288,23 +1288,51 @@ class Playback:
 
 
 class Phone:
-    """The Twilio side as the relay speaks to it: the agent's audio with its marks, and clear.
+    """The Twilio side as the relay speaks to it: what its "start" named, and the agent's audio.
 
-    ``playback`` says how much of that audio the caller has heard.
+    The agent's audio goes out with its marks, and ``playback`` says how much of it the
+    caller has heard. On the browser phone (``browser``), the page is also shown what
+    Twilio's protocol has no event for: the transcript and the tool calls.
     """
 
-    def __init__(self, twilio: ServerConnection, stats: Stats) -> None:
+    def __init__(self, twilio: ServerConnection, stats: Stats, browser: bool) -> None:
         self.twilio = twilio
         self.stats = stats
+        self.browser = browser  # the browser phone (/phone), not Twilio: no REST, and the page is shown more
         self.stream_sid = ""
         self.sid_json = '""'  # the streamSid as a JSON string, for the hand-written messages
+        self.call_sid = ""
+        self.parameters: dict[str, str] = {}  # the stream's <Parameter>s
         self.started = asyncio.Event()  # Twilio's "start" has named the stream
         self.playback = Playback()
 
-    def start(self, stream_sid: str) -> None:
-        self.stream_sid = stream_sid
-        self.sid_json = json.dumps(stream_sid)
+    def start(self, start: Any) -> None:
+        """Twilio's "start": the stream, the call and its parameters."""
+        if not isinstance(start, dict) or not isinstance(start.get("streamSid"), str):
+            raise BadInput("start without start.streamSid", repr(start)[:120])
+        self.stream_sid = start["streamSid"]
+        self.sid_json = json.dumps(self.stream_sid)
+        self.call_sid = str(start.get("callSid", ""))
+        parameters = start.get("customParameters")
+        if isinstance(parameters, dict):
+            self.parameters = {str(name): str(value) for name, value in parameters.items()}
         self.started.set()
+
+    @property
+    def direction(self) -> str:
+        """inbound, outbound (relay.py call) or browser (/phone)."""
+        return "browser" if self.browser else self.parameters.get("direction", "inbound")
+
+    @property
+    def rest_sid(self) -> str:
+        """The Call SID that Twilio's REST API controls, if there is one: the browser phone has none."""
+        return "" if self.browser else self.call_sid
+
+    async def show(self, event: dict[str, Any]) -> None:
+        """On the browser phone, tell the page what happened."""
+        if self.browser:
+            with contextlib.suppress(ConnectionClosed):
+                await self.twilio.send(json.dumps(event))
 
     async def play(self, event: dict[str, Any]) -> bool:
         """Forward one chunk of the agent's voice, with a mark to learn when it has been heard.
@@ -1650,6 +1678,32 @@ class OpenAILink:
         self.failed = True
         self.log.error("OpenAI %s", what)
 
+    async def summary(self, speaking: bool) -> str:
+        """Ask the model, out of band, to sum the call up, waiting at most SUMMARY_TIMEOUT.
+
+        The caller has gone: an answer the agent is still ``speaking`` is cancelled first.
+        """
+        session = self.session
+        if session is None or not session.is_open:
+            return ""
+        try:
+            async with asyncio.timeout(SUMMARY_TIMEOUT):
+                if speaking:
+                    await session.send({"type": "response.cancel"})
+                await session.send(summary_request())
+                async for message in session.socket:
+                    event = json.loads(message)
+                    if event.get("type") == "response.done":
+                        self.call.record.response_done(event.get("response"))
+                        if nested(event, "response", "metadata") == {"relay": "summary"}:
+                            return response_text(event.get("response"))
+                    elif event.get("type") == "error" and nested(event, "error", "event_id") == "relay_summary":
+                        self.log.warning("OpenAI refused the summary: %s", nested(event, "error", "message"))
+                        return ""
+        except (TimeoutError, ConnectionClosed, ValueError, AttributeError) as problem:
+            self.log.warning("no summary of the call: %s", type(problem).__name__)
+        return ""
+
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
@@ -1817,7 +1871,7 @@ class DeadAir:
 
 
 class CallControl:
-    """The call's ending, and Twilio's REST API for this call.
+    """The call's ending, its time limits, and Twilio's REST API for this call.
 
     Once the last words have played, the relay hangs up or transfers. With REST call
     control, Twilio is asked to complete (or redirect) the call, so the caller hears
@@ -1829,13 +1883,54 @@ class CallControl:
         self.call = call
         self.task: asyncio.Task[None] | None = None  # the hang-up or transfer under way
 
-    async def carry_out(self, end: End) -> str:
-        """End the call as decided; return why a transfer failed, if it did."""
+    async def watch_the_clock(self) -> None:
+        """Drop sockets that never start a stream; end calls at MAX_CALL_SECONDS."""
+        call = self.call
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                await call.phone.started.wait()
+        except TimeoutError:
+            call.relay.count_error("no_start")
+            call.log.warning("no 'start' from Twilio within %g s: closing the socket", START_TIMEOUT)
+            await call.phone.twilio.close(1008, "no start event")
+            return
+        await asyncio.sleep(call.config.max_call_seconds)
+        reason = f"the call reached MAX_CALL_SECONDS ({call.config.max_call_seconds:g} s)"
+        goodbye = call.floor.say(TIME_LIMIT_GOODBYE)
+        call.floor.end("hang_up", reason, "time_limit")
+        if goodbye is not None:
+            call.log.info("time limit reached: asking the agent to say goodbye")
+            await call.carry_out(goodbye)
+        else:
+            call.log.info("time limit reached: hanging up when the current answer ends")
+            await call.carry_out(call.floor.next())
+        await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
+        await call.carry_out(call.floor.end_now("hang_up", reason, "time_limit"))
+
+    def begin(self, end: End) -> None:
+        """End the call as the floor decided, beside the pumps, once the last words have played."""
+        self.task = self.call.spawn(self.carry_out(end))
+
+    async def carry_out(self, end: End) -> None:
+        call = self.call
         await self.let_playback_finish("the handover line" if end.kind == "transfer" else "the goodbye")
-        if end.kind == "transfer":
-            return await self.transfer()
-        await self.hang_up(end)
-        return ""
+        if end.kind == "hang_up":
+            await self.hang_up(end)
+            return
+        failure = await self.transfer()
+        if failure:  # the agent is told, so it can apologise and carry on: never silence
+            call.floor.ending_failed()
+            note = f"The transfer failed: {failure}. Apologise to the caller and go on helping them yourself."
+            await call.add_to_conversation(text_message(note, role="system"))
+
+    def why_twilio_stopped(self) -> str:
+        """Twilio said "stop": for the log, what that means."""
+        ending = self.call.floor.ending
+        if ending is None:
+            return "the caller hung up (Twilio stopped the stream)"
+        if ending.kind == "transfer":
+            return "Twilio stopped the stream: the call is being transferred"
+        return "Twilio stopped the stream: the relay is hanging up"
 
     async def let_playback_finish(self, what: str) -> None:
         """Wait until the caller has heard the agent's last words (at most a few seconds)."""
@@ -1849,7 +1944,7 @@ class CallControl:
         call = self.call
         call.relay.stats.count("relay_hang_ups_total", end.cause)
         call.log.info("hanging up: %s", end.reason)
-        if call.config.twilio_rest and call.call_sid and not call.browser:
+        if call.config.twilio_rest and call.phone.rest_sid:
             with contextlib.suppress(TwilioError):
                 await self.twilio_rest("hang up", "", {"Status": "completed"})
         await call.phone.twilio.close(1000, "call ended")
@@ -1858,7 +1953,7 @@ class CallControl:
         """Have Twilio dial TRANSFER_TO for this caller; Twilio then stops the stream."""
         call = self.call
         target = masked(call.config.transfer_to)
-        if call.browser:
+        if call.phone.browser:
             return "the browser phone cannot be transferred to a phone number"
         call.log.info("transferring to %s", target)
         try:
@@ -1908,7 +2003,7 @@ class ToolRunner:
             error = item.get("error")
             entry = self.call.record.tool(str(item.get("name")), "error" if error else "ok", None,
                                           str(item.get("server_label")))
-            await self.call.show({"event": "tool", **entry})
+            await self.call.phone.show({"event": "tool", **entry})
             outcome = f"error ({str(error.get('message') if isinstance(error, dict) else error)[:200]})"
             self.call.log.info("MCP tool %s on %s: %s", item.get("name"), item.get("server_label"),
                           outcome if error else "ok")
@@ -1922,7 +2017,7 @@ class ToolRunner:
         seconds = time.monotonic() - started
         self.call.relay.stats.count("relay_tool_calls_total", name if name in self.call.relay.tools else "unknown", outcome)
         self.call.relay.stats.observe("relay_tool_call_seconds", seconds)
-        await self.call.show({"event": "tool", **self.call.record.tool(name, outcome, seconds)})
+        await self.call.phone.show({"event": "tool", **self.call.record.tool(name, outcome, seconds)})
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
         summary = tool_note(name, item.get("arguments"), output)
         self.call.transcript.note("system", summary)
@@ -2014,7 +2109,9 @@ class CallRecord:
     output), barge-ins, sessions, reconnects, the recording, and the tokens of every response.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats  # the relay's, which counts tokens too
+        self.started_at = datetime.datetime.now(datetime.timezone.utc)
         self.twilio_stopped = False  # Twilio said "stop": someone hung up
         self.tools: list[dict[str, Any]] = []
         self.barge_ins = 0
@@ -2032,12 +2129,13 @@ class CallRecord:
         self.tools.append({**call, "server": server} if server else call)
         return self.tools[-1]
 
-    def response_done(self, usage: Any) -> dict[str, int]:
-        """Add a response's tokens; return them."""
-        counts = token_counts(usage)
+    def response_done(self, response: Any) -> None:
+        """A response is done: add its tokens to the call's and the relay's."""
+        counts = token_counts(response.get("usage") if isinstance(response, dict) else None)
         self.responses += 1
         self.tokens.update(counts)
-        return counts
+        for direction, kind in TOKEN_KINDS:
+            self.stats.count("relay_tokens_total", direction, kind, n=counts.get(f"{direction}_{kind}", 0))
 
     def answered(self) -> float:
         """The agent's answer reached the phone: seconds since the caller stopped speaking."""
@@ -2045,24 +2143,49 @@ class CallRecord:
         self.caller_done_at = None
         return waited
 
-    def usage(self) -> dict[str, Any]:
-        tokens = self.tokens
-        return {"responses": self.responses, "inputTokens": tokens["input"], "outputTokens": tokens["output"],
-                "input": {"text": tokens["input_text"], "audio": tokens["input_audio"],
-                          "cached": tokens["input_cached"], "cachedText": tokens["input_cached_text"],
-                          "cachedAudio": tokens["input_cached_audio"]},
-                "output": {"text": tokens["output_text"], "audio": tokens["output_audio"]}}
+    def report(self, call: Call, how: str, ended_at: datetime.datetime) -> dict[str, Any]:
+        """The call's report, for CALL_REPORT_URL; every field is in README, After the call."""
+        parameters, tokens = call.parameters, self.tokens
+        return {
+            "callSid": call.call_sid,
+            "streamSid": call.stream_sid,
+            "direction": call.phone.direction,
+            "from": parameters.get("from"),
+            "to": parameters.get("to"),
+            "answeredBy": parameters.get("answered_by"),
+            "parameters": parameters,
+            "startedAt": iso_utc(self.started_at),
+            "endedAt": iso_utc(ended_at),
+            "durationSeconds": round((ended_at - self.started_at).total_seconds(), 3),
+            "ending": how,
+            "transferredTo": masked(call.config.transfer_to) if how == "transferred" else None,
+            "transcript": call.transcript.spoken(),
+            "tools": self.tools,
+            "bargeIns": self.barge_ins,
+            "openaiSessions": self.sessions,
+            "reconnects": self.reconnects,
+            "recordingSid": self.recording_sid or None,
+            "usage": {"responses": self.responses, "inputTokens": tokens["input"], "outputTokens": tokens["output"],
+                      "input": {"text": tokens["input_text"], "audio": tokens["input_audio"],
+                                "cached": tokens["input_cached"], "cachedText": tokens["input_cached_text"],
+                                "cachedAudio": tokens["input_cached_audio"]},
+                      "output": {"text": tokens["output_text"], "audio": tokens["output_audio"]}},
+            "summary": self.summary or None,
+        }
 
 
 class CallLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """Prefix every line with the call it belongs to, so busy logs stay readable."""
 
-    def __init__(self, call: Call) -> None:
-        super().__init__(logger, {"call": call})
+    def __init__(self, number: int, phone: Phone) -> None:
+        super().__init__(logger)
+        self.number = number  # the relay's count of calls, for the lines before Twilio names the call
+        self.phone = phone
         self.warned: set[str] = set()
 
     def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
-        return f"[{self.extra['call'].label}] {msg}", kwargs  # type: ignore[index, union-attr]
+        phone = self.phone
+        return f"[call {self.number} {phone.call_sid or '-'} {phone.stream_sid or '-'}] {msg}", kwargs
 
     def warn_once(self, kind: str, msg: str, *args: Any) -> None:
         """Warn about a kind of problem the first time it happens in this call."""
@@ -2080,46 +2203,44 @@ class Call:
 
     def __init__(self, relay: Relay, twilio: ServerConnection, number: int, browser: bool = False) -> None:
         self.relay = relay
-        self.number = number
-        self.browser = browser  # the browser phone (/phone), not Twilio: no REST, and the page is shown more
-        self.call_sid = ""
-        self.started_at = datetime.datetime.now(datetime.timezone.utc)
-        self.parameters: dict[str, str] = {}  # the stream's <Parameter>s
         self.persona = persona_for_call(relay.config, {})  # made the call's own at "start"
-        self.log = CallLog(self)
         self.tasks: set[asyncio.Task[None]] = set()  # everything the call runs beside its pumps
         self.floor = Floor(relay.config.idle_prompts)
-        self.phone = Phone(twilio, relay.stats)
+        self.phone = Phone(twilio, relay.stats, browser)
+        self.log = CallLog(number, self.phone)
         self.transcript = Transcript()  # the conversation as text, for a new session to carry on
+        self.record = CallRecord(relay.stats)
         self.link = OpenAILink(self)
         self.continuity = Continuity(self)
         self.dead_air = DeadAir(self)
         self.caller_audio = CallerAudio(self.link.outbox.send, self.spawn)
         self.control = CallControl(self)
         self.tool_runner = ToolRunner(self)
-        self.record = CallRecord()
 
     @property
     def config(self) -> Config:
         return self.relay.config
 
     @property
+    def call_sid(self) -> str:
+        return self.phone.call_sid
+
+    @property
     def stream_sid(self) -> str:
         return self.phone.stream_sid
 
     @property
-    def direction(self) -> str:
-        """inbound, outbound (relay.py call) or browser (/phone)."""
-        return "browser" if self.browser else self.parameters.get("direction", "inbound")
+    def parameters(self) -> dict[str, str]:
+        return self.phone.parameters
 
     @property
-    def label(self) -> str:
-        return f"call {self.number} {self.call_sid or '-'} {self.stream_sid or '-'}"
+    def started_at(self) -> datetime.datetime:
+        return self.record.started_at
 
     async def run(self) -> None:
         """Run both pumps until either side ends, then close both sockets."""
         pumps = [asyncio.create_task(self.twilio_to_openai()), asyncio.create_task(self.openai_to_twilio())]
-        timer = asyncio.create_task(self.watch_the_clock())
+        clock = asyncio.create_task(self.control.watch_the_clock())
         try:
             done, _ = await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -2130,7 +2251,7 @@ class Call:
             if self.control.task is not None:  # let a hang-up or transfer that Twilio has begun finish
                 await asyncio.wait({self.control.task}, timeout=TWILIO_REST_TIMEOUT)
             self.caller_audio.stop()
-            tasks = [*pumps, timer, *self.tasks]
+            tasks = [*pumps, clock, *self.tasks]
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -2144,7 +2265,7 @@ class Call:
         """
         try:
             if self.config.call_summary and self.stream_sid:
-                self.record.summary = await self.summarize()
+                self.record.summary = await self.link.summary(speaking=self.floor.responding)
         finally:
             await self.link.close()
         ended_at = datetime.datetime.now(datetime.timezone.utc)
@@ -2155,64 +2276,7 @@ class Call:
                       (ended_at - self.started_at).total_seconds(), len(self.transcript.spoken()),
                       tokens["input"], tokens["output"], active)
         if self.config.call_report_url and self.call_sid:
-            self.relay.reports.send(self.log, self.call_sid, self.report(how, ended_at))
-
-    async def summarize(self) -> str:
-        """Ask the model out of band for a summary of the call, waiting at most SUMMARY_TIMEOUT."""
-        session = self.link.session
-        if session is None or not session.is_open:
-            return ""
-        try:
-            async with asyncio.timeout(SUMMARY_TIMEOUT):
-                if self.floor.responding:
-                    await session.send({"type": "response.cancel"})  # nobody is left to hear it
-                await session.send(summary_request())
-                async for message in session.socket:
-                    event = json.loads(message)
-                    if event.get("type") == "response.done":
-                        response = event.get("response")
-                        self.count_tokens(response)
-                        if nested(event, "response", "metadata") == {"relay": "summary"}:
-                            return response_text(response)
-                    elif event.get("type") == "error" and nested(event, "error", "event_id") == "relay_summary":
-                        self.log.warning("OpenAI refused the summary: %s", nested(event, "error", "message"))
-                        return ""
-        except (TimeoutError, ConnectionClosed, ValueError, AttributeError) as problem:
-            self.log.warning("no summary of the call: %s", type(problem).__name__)
-        return ""
-
-    def count_tokens(self, response: Any) -> None:
-        """A response is done: add its tokens to the call's and the relay's."""
-        usage = response.get("usage") if isinstance(response, dict) else None
-        counts = self.record.response_done(usage)
-        for direction, kind in TOKEN_KINDS:
-            self.relay.stats.count("relay_tokens_total", direction, kind, n=counts.get(f"{direction}_{kind}", 0))
-
-    def report(self, how: str, ended_at: datetime.datetime) -> dict[str, Any]:
-        """The call's report, for CALL_REPORT_URL; every field is in README, After the call."""
-        parameters = self.parameters
-        return {
-            "callSid": self.call_sid,
-            "streamSid": self.stream_sid,
-            "direction": self.direction,
-            "from": parameters.get("from"),
-            "to": parameters.get("to"),
-            "answeredBy": parameters.get("answered_by"),
-            "parameters": parameters,
-            "startedAt": iso_utc(self.started_at),
-            "endedAt": iso_utc(ended_at),
-            "durationSeconds": round((ended_at - self.started_at).total_seconds(), 3),
-            "ending": how,
-            "transferredTo": masked(self.config.transfer_to) if how == "transferred" else None,
-            "transcript": self.transcript.spoken(),
-            "tools": self.record.tools,
-            "bargeIns": self.record.barge_ins,
-            "openaiSessions": self.record.sessions,
-            "reconnects": self.record.reconnects,
-            "recordingSid": self.record.recording_sid or None,
-            "usage": self.record.usage(),
-            "summary": self.record.summary or None,
-        }
+            self.relay.reports.send(self.log, self.call_sid, self.record.report(self, how, ended_at))
 
     def spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
         """Run ``work`` beside the pumps, as part of this call: it ends with the call."""
@@ -2228,17 +2292,10 @@ class Call:
         so it is also where a silence that follows is timed.
         """
         if isinstance(decision, End):
-            self.control.task = self.spawn(self.finish(decision))
+            self.control.begin(decision)
         elif decision is not None:
             await self.link.outbox.send(decision)
         self.dead_air.restart()
-
-    async def finish(self, end: End) -> None:
-        failure = await self.control.carry_out(end)
-        if failure:  # the agent is told, so it can apologise and carry on: never silence
-            self.floor.ending_failed()
-            note = f"The transfer failed: {failure}. Apologise to the caller and go on helping them yourself."
-            await self.add_to_conversation(text_message(note, role="system"))
 
     async def add_to_conversation(self, item: dict[str, Any]) -> None:
         """Give the model something to answer (a tool's output, a keypad press, a note).
@@ -2294,7 +2351,7 @@ class Call:
             await self.on_dtmf(event)
         elif kind == "stop":
             self.record.twilio_stopped = True
-            self.log_stop()
+            self.log.info("%s", self.control.why_twilio_stopped())
             await self.caller_audio.flush()
             return False
         elif kind == "connected":
@@ -2303,34 +2360,18 @@ class Call:
             self.log.debug("ignoring unknown Twilio event %r", kind)
         return True
 
-    def log_stop(self) -> None:
-        ending = self.floor.ending
-        if ending is None:
-            self.log.info("the caller hung up (Twilio stopped the stream)")
-        elif ending.kind == "transfer":
-            self.log.info("Twilio stopped the stream: the call is being transferred")
-        else:
-            self.log.info("Twilio stopped the stream: the relay is hanging up")
-
     async def on_start(self, event: dict[str, Any]) -> None:
-        start = event.get("start")
-        if not isinstance(start, dict) or not isinstance(start.get("streamSid"), str):
-            raise BadInput("start without start.streamSid", repr(event)[:120])
-        self.call_sid = str(start.get("callSid", ""))
-        parameters = start.get("customParameters")
-        if isinstance(parameters, dict):
-            self.parameters = {str(name): str(value) for name, value in parameters.items()}
-        self.phone.start(start["streamSid"])
-        self.relay.stats.count("relay_calls_started_total", self.direction)
+        self.phone.start(event.get("start"))
+        self.relay.stats.count("relay_calls_started_total", self.phone.direction)
         # Names only: the values may be personal data.
-        self.log.info("stream started (direction %s, custom parameters: %s)", self.direction,
+        self.log.info("stream started (direction %s, custom parameters: %s)", self.phone.direction,
                       ", ".join(sorted(self.parameters)) or "none")
         voice = self.parameters.get("voice")
         if voice is not None and voice not in VOICES:
             self.log.warning("ignoring the voice parameter: %r is not one of %s", voice[:40], ", ".join(VOICES))
         self.persona = persona_for_call(self.config, self.parameters)
         self.dead_air.restart()  # the line is open: a caller who says nothing is timed from now
-        if self.config.record_calls and self.call_sid and not self.browser:
+        if self.config.record_calls and self.phone.rest_sid:
             self.spawn(self.control.record())
         session = self.link.session
         if session is not None and session.told is not None:  # the session was configured before "start"
@@ -2427,7 +2468,7 @@ class Call:
         elif kind in ("response.output_audio.done", "response.done"):
             await self.phone.finish_item()
             if kind == "response.done":
-                self.count_tokens(event.get("response"))
+                self.record.response_done(event.get("response"))
                 await self.carry_out(self.floor.done())
         elif kind == "error":
             await self.on_openai_error(session, event)
@@ -2501,41 +2542,10 @@ class Call:
             self.log.info("%s: %s", who, text)
         await self.show_turn(item_id)
 
-    async def show(self, event: dict[str, Any]) -> None:
-        """On a browser call, tell the page what happened: events that Twilio's protocol has not."""
-        if self.browser:
-            with contextlib.suppress(ConnectionClosed):
-                await self.phone.twilio.send(json.dumps(event))
-
     async def show_turn(self, key: str) -> None:
         turn = self.transcript.turns.get(key)
         if turn is not None and turn.text:
-            await self.show({"event": "transcript", "id": key, **turn.said()})
-
-    # The clock, and REST call control
-
-    async def watch_the_clock(self) -> None:
-        """Drop sockets that never start a stream; end calls at MAX_CALL_SECONDS."""
-        try:
-            async with asyncio.timeout(START_TIMEOUT):
-                await self.phone.started.wait()
-        except TimeoutError:
-            self.relay.count_error("no_start")
-            self.log.warning("no 'start' from Twilio within %g s: closing the socket", START_TIMEOUT)
-            await self.phone.twilio.close(1008, "no start event")
-            return
-        await asyncio.sleep(self.config.max_call_seconds)
-        reason = f"the call reached MAX_CALL_SECONDS ({self.config.max_call_seconds:g} s)"
-        goodbye = self.floor.say(TIME_LIMIT_GOODBYE)
-        self.floor.end("hang_up", reason, "time_limit")
-        if goodbye is not None:
-            self.log.info("time limit reached: asking the agent to say goodbye")
-            await self.carry_out(goodbye)
-        else:
-            self.log.info("time limit reached: hanging up when the current answer ends")
-            await self.carry_out(self.floor.next())
-        await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
-        await self.carry_out(self.floor.end_now("hang_up", reason, "time_limit"))
+            await self.phone.show({"event": "transcript", "id": key, **turn.said()})
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
 

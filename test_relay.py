@@ -3724,7 +3724,7 @@ def test_the_browser_phone_calls_the_agent_as_a_phone_would(
             session = await fake.session()
             await eventually(lambda: all(configured(call) and call.stream_sid for call in the_relay.calls), limit=10)
             (call,) = the_relay.calls
-            assert call.direction == "browser" and call.parameters == {"from": "+15550001111", "caller_name": "Ann"}
+            assert call.phone.direction == "browser" and call.parameters == {"from": "+15550001111", "caller_name": "Ann"}
 
             # The caller's speech reaches OpenAI as mu-law at 8 kHz, in 20 ms frames, and it is not silence.
             await eventually(lambda: len(session.appended()) >= 100, limit=10)
