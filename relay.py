@@ -11,7 +11,8 @@ Read top to bottom:
    a filler while a tool works...), an agent for each of your numbers (``AGENTS``)
    and its tools. This is the part to make your own: change the instructions, or
    add a tool by writing one decorated ``async`` function.
-2. Configuration: every setting, read from the environment once, at start-up.
+2. Configuration: ``Config``, every setting with the variable it is read from, its
+   default and what it accepts, read once, at start-up.
 3. What the relay tells OpenAI: the session and its messages.
 4. One phone call: small parts, each with one kind of state (``Floor`` decides
    who may speak), and ``Call``, whose two pumps (Twilio -> OpenAI and
@@ -931,12 +932,13 @@ def masked(target: str) -> str:
 #
 # A call is a few small parts, each holding one kind of state:
 #   Floor       who may speak: every rule about asking the model for a response (no I/O)
-#   Phone       the Twilio side: agent audio out with its marks, and what the caller heard
+#   Phone       the Twilio side: what its start named, agent audio out with its marks, what was heard
+#   CallerAudio the caller's frames on their way to OpenAI, joined in pairs while the relay runs late
 #   Transcript  the conversation as text, for a new session to carry on
 #   OpenAILink  the OpenAI side: the current session, what waits for one, and redialling
 #   Continuity  what happens when a session ends: the call ends, or a new session takes over
 #   DeadAir     times the silences the agent fills: a caller who says nothing, a slow tool
-#   CallControl a hang-up or transfer once the last words have played; recording
+#   CallControl the time limits; a hang-up or transfer once the last words have played; recording
 #   ToolRunner  the model's function calls, and what the remote MCP server did
 #   CallRecord  what the call's report will say: tools, barge-ins, sessions, tokens, its ending
 #   Call        the two pumps, handing each event to the part it belongs to
@@ -1191,6 +1193,35 @@ class Floor:
         return self.next()
 
 
+class BadInput(Exception):
+    """A Twilio frame the relay cannot use: what is wrong with it, and an excerpt."""
+
+    def __init__(self, problem: str, detail: str) -> None:
+        super().__init__(problem)
+        self.problem, self.detail = problem, detail
+
+
+def read_twilio_frame(message: str | bytes) -> dict[str, Any]:
+    """One Media Streams frame as a JSON object with an ``event`` name, or BadInput."""
+    if isinstance(message, bytes):
+        raise BadInput("binary frame", f"{len(message)} bytes")
+    try:
+        event = json.loads(message)
+    except ValueError:
+        raise BadInput("non-JSON text", repr(message[:80])) from None
+    if not isinstance(event, dict):
+        raise BadInput("JSON that is not an object", repr(message[:80]))
+    if not isinstance(event.get("event"), str):
+        raise BadInput("event without a valid 'event' field", repr(event)[:80])
+    return event
+
+
+def nested(event: dict[str, Any], outer: str, inner: str) -> Any:
+    """``event[outer][inner]``, or None where either is missing or not an object."""
+    value = event.get(outer)
+    return value.get(inner) if isinstance(value, dict) else None
+
+
 def decoded_size(payload: str) -> int:
     """Bytes of audio in a base64 payload, without decoding it."""
     return len(payload) * 3 // 4 - payload[-2:].count("=")
@@ -1424,35 +1455,6 @@ class CallerAudio:
     def stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-
-
-class BadInput(Exception):
-    """A Twilio frame the relay cannot use: what is wrong with it, and an excerpt."""
-
-    def __init__(self, problem: str, detail: str) -> None:
-        super().__init__(problem)
-        self.problem, self.detail = problem, detail
-
-
-def read_twilio_frame(message: str | bytes) -> dict[str, Any]:
-    """One Media Streams frame as a JSON object with an ``event`` name, or BadInput."""
-    if isinstance(message, bytes):
-        raise BadInput("binary frame", f"{len(message)} bytes")
-    try:
-        event = json.loads(message)
-    except ValueError:
-        raise BadInput("non-JSON text", repr(message[:80])) from None
-    if not isinstance(event, dict):
-        raise BadInput("JSON that is not an object", repr(message[:80]))
-    if not isinstance(event.get("event"), str):
-        raise BadInput("event without a valid 'event' field", repr(event)[:80])
-    return event
-
-
-def nested(event: dict[str, Any], outer: str, inner: str) -> Any:
-    """``event[outer][inner]``, or None where either is missing or not an object."""
-    value = event.get(outer)
-    return value.get(inner) if isinstance(value, dict) else None
 
 
 @dataclasses.dataclass
