@@ -700,6 +700,7 @@ def token_counts(usage: Any) -> dict[str, int]:
     """A response.done's usage: input and output tokens, each by text and audio, and cached input."""
     if not isinstance(usage, dict):
         return {}
+
     def details(value: Any) -> dict[str, Any]:
         return value if isinstance(value, dict) else {}
 
@@ -2548,6 +2549,7 @@ class Call:
         turn = self.transcript.turns.get(key)
         if turn is not None and turn.text:
             await self.phone.show({"event": "transcript", "id": key, **turn.said()})
+
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
 
