@@ -1569,14 +1569,18 @@ class Outbox:
 
     async def send(self, event: dict[str, Any] | str) -> None:
         """Send an event (a string is caller audio), or keep it until a session is live."""
-        if self.live is not None:
+        session = self.live
+        if session is not None:
             try:
-                await self.live.send(event)
+                await session.send(event)
                 return
             except ConnectionClosed:  # the OpenAI pump decides whether a new session takes over
-                self.live = None
                 if not isinstance(event, str) and not carries_over(event):
                     return
+                if self.live is not session:  # it has, while this send waited: the event goes there
+                    await self.send(event)
+                    return
+                self.live = None
         kept: collections.deque[Any] = self.audio if isinstance(event, str) else self.events
         if len(kept) == kept.maxlen:
             what = "audio" if kept is self.audio else "event"

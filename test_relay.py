@@ -4121,6 +4121,35 @@ def test_what_is_sent_while_openai_closes_reaches_the_new_session_once(shop_tool
     run(scenario)
 
 
+def test_a_drop_while_the_caller_talks_leaves_a_warm_replacement_hearing_them() -> None:
+    """With a warm session the new one is live before the caller's frame, caught in the old
+    session's close, fails: that failure must not cut the new session off."""
+    async def scenario() -> None:
+        fake = FakeOpenAI()
+        async with fake.running(), running_relay(fake, WARM_SESSIONS="1", GREETING="") as (the_relay, url):
+            await eventually(lambda: len(the_relay.warm.ready) == 1)
+            twilio = await FakeTwilio(url).open()
+            await eventually(lambda: len(the_relay.calls) == 1)
+            (call,) = the_relay.calls
+            await eventually(lambda: configured(call) and len(the_relay.warm.ready) == 1)
+            first = fake.sessions[0]
+            closing = call.link.session.socket  # type: ignore[union-attr]
+            first.close_slowly()
+            await eventually(lambda: closing.state is not State.OPEN)
+            await twilio.send_media([audio(1, 0)], pace=0)  # its send waits for the old session's close
+            await asyncio.sleep(0.05)
+            first.resume()
+            await eventually(lambda: call.record.reconnects == 1)
+            second = next(session for session in fake.sessions[1:]
+                          if session.ws.remote_address == call.link.session.socket.local_address)  # type: ignore[union-attr]
+            frames = [audio(1, index) for index in range(1, 11)]
+            await twilio.send_media(frames)
+            await eventually(lambda: pcm(frames) in second.caller_audio())
+            await twilio.close()
+
+    run(scenario)
+
+
 def test_a_session_that_worked_then_drops_gets_a_redial_of_its_own() -> None:
     async def scenario() -> None:
         async with one_call(RECONNECT_SECONDS="2") as (fake, the_relay, twilio, first):
