@@ -2020,7 +2020,10 @@ class ToolRunner:
     async def run(self, item: dict[str, Any]) -> None:
         """Run one function call, give the model its output, then let the floor decide who speaks."""
         name, session, started = str(item.get("name")), self.call.link.outbox.live, time.monotonic()
-        outcome, output = await self.call_tool(name, item.get("arguments"))
+        try:
+            outcome, output = await self.call_tool(name, item.get("arguments"))
+        finally:  # the floor must never wait for a tool that is gone
+            self.call.floor.tool_finished()
         seconds = time.monotonic() - started
         self.call.relay.stats.count("relay_tool_calls_total", name if name in self.call.relay.tools else "unknown", outcome)
         self.call.relay.stats.observe("relay_tool_call_seconds", seconds)
@@ -2028,7 +2031,6 @@ class ToolRunner:
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
         summary = tool_note(name, item.get("arguments"), output)
         self.call.transcript.note("system", summary)
-        self.call.floor.tool_finished()
         if self.call.link.outbox.live is session:
             await self.call.add_to_conversation(
                 {"type": "function_call_output", "call_id": item.get("call_id"), "output": output})
@@ -2076,7 +2078,7 @@ class ToolRunner:
             if not isinstance(parsed, dict):
                 raise ValueError("the arguments must be a JSON object")
             bound = inspect.signature(tool.function).bind(self.call, **parsed)
-        except (ValueError, TypeError) as error:
+        except (ValueError, TypeError, RecursionError) as error:  # RecursionError: JSON nested too deep
             self.call.log.warning("tool %s: bad arguments from the model: %s", name, error)
             return "bad_arguments", json.dumps({"error": f"Bad arguments: {error}"})
         self.call.log.debug("tool %s arguments: %s", name, parsed)  # DEBUG only: they may be personal data
@@ -2090,6 +2092,11 @@ class ToolRunner:
         except Exception as error:  # a tool's bug must not end the call
             self.call.log.warning("tool %s failed", name, exc_info=True)
             return "error", json.dumps({"error": f"{type(error).__name__}: {error}"})
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise  # the call is ending
+            self.call.log.warning("tool %s was cancelled by something it awaited", name, exc_info=True)
+            return "error", json.dumps({"error": "The tool was cancelled."})
 
 
 def how_it_ended(ending: End | None, ended: bool, openai_failed: bool, twilio_stopped: bool,

@@ -1973,7 +1973,14 @@ def shop_tools() -> Iterator[dict[str, Any]]:
         """A tool that never answers."""
         await asyncio.sleep(60)
 
-    names = ("order_status", "opening_hours", "broken", "stuck")
+    @relay.tool()
+    async def abandoned(call: relay.Call) -> None:
+        """A tool whose own request was cancelled under it."""
+        request = asyncio.get_running_loop().create_future()
+        request.cancel()
+        await request
+
+    names = ("order_status", "opening_hours", "broken", "stuck", "abandoned")
     state["tools"] = {**BUILT_IN_TOOLS, **{name: relay.TOOLS[name] for name in names}}
     relay.TOOLS.clear()
     relay.TOOLS.update(users_tools)
@@ -2015,7 +2022,7 @@ def test_the_session_offers_the_tools_it_is_given(shop_tools: dict[str, Any]) ->
     async def scenario() -> None:
         async with one_call(shop_tools["tools"]) as (_, _, _, session):
             tools = {tool["name"]: tool for tool in session.of_type("session.update")[0]["session"]["tools"]}
-            assert set(tools) == {"end_call", "order_status", "opening_hours", "broken", "stuck"}
+            assert set(tools) == {"end_call", "order_status", "opening_hours", "broken", "stuck", "abandoned"}
             assert tools["order_status"] == {
                 "type": "function", "name": "order_status", "description": "Say where an order is.",
                 "parameters": {"type": "object", "properties": {"order": {"type": "string"}}, "required": ["order"]},
@@ -2087,7 +2094,9 @@ def test_failing_tools_and_bad_calls_give_the_model_an_error_and_the_call_goes_o
     calls = {
         "c_raise": ("broken", "{}", "error"),
         "c_timeout": ("stuck", "{}", "timeout"),
+        "c_cancelled": ("abandoned", "{}", "error"),
         "c_not_json": ("order_status", '{"order": ', "bad_arguments"),
+        "c_too_deep": ("order_status", "[" * 5000, "bad_arguments"),
         "c_not_object": ("order_status", "[1, 2]", "bad_arguments"),
         "c_wrong_name": ("order_status", '{"item": "A"}', "bad_arguments"),
         "c_unknown": ("launch_rockets", "{}", "unknown_tool"),
@@ -2112,7 +2121,7 @@ def test_failing_tools_and_bad_calls_give_the_model_an_error_and_the_call_goes_o
             for name, _, outcome in calls.values():
                 label = "unknown" if name == "launch_rockets" else name
                 assert numbers[f'relay_tool_calls_total{{tool="{label}",outcome="{outcome}"}}'] >= 1
-            assert numbers['relay_tool_calls_total{tool="order_status",outcome="bad_arguments"}'] == 3
+            assert numbers['relay_tool_calls_total{tool="order_status",outcome="bad_arguments"}'] == 4
 
     with caplog.at_level(logging.INFO, logger="relay"):
         run(scenario)
