@@ -39,6 +39,7 @@ import errno
 import hashlib
 import hmac
 import http
+import http.client
 import inspect
 import ipaddress
 import json
@@ -880,18 +881,23 @@ def twilio_post(account: TwilioAccount, path: str, fields: Mapping[str, str]) ->
         with urllib.request.urlopen(request, timeout=TWILIO_REST_TIMEOUT) as reply:
             return json.loads(reply.read() or b"{}")
     except urllib.error.HTTPError as error:
-        raise TwilioError(twilio_error(error.code, error.read())) from None
-    except (OSError, ValueError) as error:  # refused, unreachable, timed out, not JSON
+        raise TwilioError(twilio_error(error)) from None
+    except (OSError, ValueError, http.client.HTTPException) as error:  # unreachable, timed out, cut off, not JSON
         raise TwilioError(f"no usable answer from {account.base_url}: {error}") from None
 
 
-def twilio_error(status: int, body: bytes) -> str:
+def twilio_error(error: urllib.error.HTTPError) -> str:
     """Twilio's error JSON (code, message, more_info) in one line."""
     try:
-        error = json.loads(body)
-        return f"HTTP {status}, Twilio error {error.get('code')}: {error.get('message')} ({error.get('more_info')})"
+        body = error.read()
+    except (OSError, http.client.HTTPException):
+        return f"HTTP {error.code}, its answer cut off"
+    try:
+        details = json.loads(body)
+        return (f"HTTP {error.code}, Twilio error {details.get('code')}: {details.get('message')} "
+                f"({details.get('more_info')})")
     except (ValueError, AttributeError):
-        return f"HTTP {status}: {body[:200]!r}"
+        return f"HTTP {error.code}: {body[:200]!r}"
 
 
 def transfer_twiml(config: Config) -> str:
@@ -1951,10 +1957,12 @@ class CallControl:
         call = self.call
         call.relay.stats.count("relay_hang_ups_total", end.cause)
         call.log.info("hanging up: %s", end.reason)
-        if call.config.twilio_rest and call.phone.rest_sid:
-            with contextlib.suppress(TwilioError):
-                await self.twilio_rest("hang up", "", {"Status": "completed"})
-        await call.phone.twilio.close(1000, "call ended")
+        try:
+            if call.config.twilio_rest and call.phone.rest_sid:
+                with contextlib.suppress(TwilioError):
+                    await self.twilio_rest("hang up", "", {"Status": "completed"})
+        finally:  # whatever Twilio's REST API did, the call ends
+            await call.phone.twilio.close(1000, "call ended")
 
     async def transfer(self) -> str:
         """Have Twilio dial TRANSFER_TO for this caller; Twilio then stops the stream."""
@@ -2296,8 +2304,15 @@ class Call:
         """Run ``work`` beside the pumps, as part of this call: it ends with the call."""
         task = asyncio.ensure_future(work)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.task_done)
         return task
+
+    def task_done(self, task: asyncio.Task[None]) -> None:
+        """Forget a finished task; a failure is a bug of the relay's, and gets its line at once."""
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.relay.count_error("relay_bug")
+            self.log.error("a task of the call failed", exc_info=task.exception())
 
     async def carry_out(self, decision: Decision) -> None:
         """Do what the floor decided: ask for a response, or begin the hang-up or transfer.
@@ -2693,7 +2708,7 @@ def post_report(config: Config, call_sid: str, body: bytes) -> tuple[str, bool]:
         return "", False
     except urllib.error.HTTPError as error:
         return f"HTTP {error.code}", error.code == 429 or error.code >= 500
-    except (OSError, ValueError) as error:  # refused, unreachable, timed out
+    except (OSError, ValueError, http.client.HTTPException) as error:  # refused, unreachable, timed out, cut off
         return f"no answer ({error})", True
 
 

@@ -2489,6 +2489,7 @@ class FakeTwilioRest:
         self.requests: list[tuple[str, dict[str, str]]] = []
         self.played_at_request: list[int] = []  # what the call's phone had played when each came
         self.failure: tuple[int, dict[str, Any]] | None = None  # answer every request with this
+        self.cut = False  # answer with a body cut short, as a dropped connection leaves it, and do nothing
         self.delay = 0.0
         self.streams: dict[str, FakeTwilio] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -2515,7 +2516,7 @@ class FakeTwilioRest:
         status, reply = await self.answer(method, path, headers, body.decode())
         data = json.dumps(reply).encode()
         writer.write(f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-                     f"Connection: close\r\n\r\n".encode() + data)
+                     f"Connection: close\r\n\r\n".encode() + data[: 10 if self.cut else None])
         await writer.drain()
         writer.close()
 
@@ -2531,6 +2532,8 @@ class FakeTwilioRest:
         await asyncio.sleep(self.delay)
         if self.failure:
             return self.failure
+        if self.cut:  # the connection drops in the middle of this answer: the request did nothing
+            return 500, {"code": 20500, "message": "cut off"}
         resource = path.removeprefix(f"/2010-04-01/Accounts/{ACCOUNT_SID}/")
         if resource == "Calls.json":
             return 201, {"sid": "CA" + "c3" * 16, "status": "queued", "to": fields["To"]}
@@ -2604,7 +2607,7 @@ def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: 
     assert no_secrets_in(lines)
 
 
-@pytest.mark.parametrize("failure", ["500", "404", "401", "slow"])
+@pytest.mark.parametrize("failure", ["500", "404", "401", "slow", "cut"])
 def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
     failure: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2614,6 +2617,7 @@ def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
         env = {"TWILIO_API_SECRET": "wrong-secret"} if failure == "401" else {}
         async with rest_call(failure if failure in ("500", "404") else "", **env) as (rest, the_relay, twilio, session):
             rest.delay = 3 if failure == "slow" else 0
+            rest.cut = failure == "cut"
             await session.say("item_bye", speech(1, 2))
             await call_end_call(session)
             await twilio.closed.wait()
@@ -2627,7 +2631,8 @@ def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     expected = {"500": "HTTP 500, Twilio error 20500: Internal Server Error (https://www.twilio.com/docs/errors/20500)",
                 "404": "HTTP 404, Twilio error 20404: The requested resource was not found",
-                "401": "HTTP 401, Twilio error 20003: Authenticate", "slow": "no usable answer"}[failure]
+                "401": "HTTP 401, Twilio error 20003: Authenticate", "slow": "no usable answer",
+                "cut": "HTTP 500, its answer cut off"}[failure]
     assert any("Twilio did not hang up: " + expected in line and "CA" in line for line in errors), errors
     assert no_secrets_in([r.getMessage() for r in caplog.records])
     assert not any("wrong-secret" in r.getMessage() for r in caplog.records)
@@ -3058,7 +3063,7 @@ class FakeReceiver:
     """A server of the user's that receives call reports, on a loopback port.
 
     It records each POST, and answers it with the next of ``statuses`` (200 once they are
-    used up), or not at all while ``answering`` is clear.
+    used up; 0: an answer cut off before its body), or not at all while ``answering`` is clear.
     """
 
     def __init__(self, *statuses: int) -> None:
@@ -3083,7 +3088,8 @@ class FakeReceiver:
         self.posts.append((headers, body))
         await self.answering.wait()
         status = self.statuses.pop(0) if self.statuses else 200
-        writer.write(f"HTTP/1.1 {status} Fake\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        length = 10 if status == 0 else 0
+        writer.write(f"HTTP/1.1 {status or 200} Fake\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         writer.close()
 
@@ -3294,6 +3300,7 @@ def test_a_summary_asked_while_the_agent_speaks_cancels_the_answer_first() -> No
 @pytest.mark.parametrize(("statuses", "posts", "outcome"), [
     ((500,), 2, "delivered"),  # a server error is retried
     ((429, 503), 3, "delivered"),
+    ((0,), 2, "delivered"),  # an answer cut off on its way is no proof of delivery
     ((400,), 1, "failed"),  # any other 4xx is final
     ((500, 500, 500, 500), 4, "failed"),  # three more tries, then it gives up
 ])
