@@ -224,7 +224,8 @@ PING_TIMEOUT = 5.0
 EARLY_AUDIO_LIMIT = 250  # frames kept while OpenAI connects: 5 s of 20 ms frames
 EARLY_EVENT_LIMIT = 100  # other events kept meanwhile: keypad presses, tool outputs, notes
 REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes before they do anything
-GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye may take to play before the relay hangs up
+GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye the relay asked for may take to come and play
+PLAYBACK_SLACK = 3.0  # seconds after the agent's last words should have played that their mark may echo
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
 MAX_FORM_BYTES = 8 * 1024  # a POST webhook's form body; Twilio's is about 1 KiB
@@ -1269,6 +1270,7 @@ class Playback:
         self.muted: set[str] = set()  # items cut off by the caller: their late audio is dropped
         self.drained = asyncio.Event()  # set while nothing is queued on the phone
         self.drained.set()
+        self.playing_until = 0.0  # when the phone will have played all it was sent, in real time
 
     def sent(self, item_id: str, content_index: int, size: int) -> str | None:
         """Record a chunk sent to Twilio; return the name of a mark to send after it, if due."""
@@ -1276,6 +1278,7 @@ class Playback:
             self.item_id, self.content_index, self.item_bytes, self.marked_bytes = item_id, content_index, 0, 0
         self.item_bytes += size
         self.drained.clear()
+        self.playing_until = max(self.playing_until, time.monotonic()) + size / (BYTES_PER_MS * 1000)
         if self.item_bytes - self.marked_bytes >= MARK_EVERY_MS * BYTES_PER_MS:
             return self.mark()
         return None
@@ -1322,6 +1325,7 @@ class Playback:
         self.pending.clear()
         self.marked_bytes = self.item_bytes
         self.drained.set()
+        self.playing_until = 0.0
         return Interruption(item_id, content_index, heard // BYTES_PER_MS, sent // BYTES_PER_MS)
 
 
@@ -1946,19 +1950,23 @@ class CallControl:
         return "Twilio stopped the stream: the relay is hanging up"
 
     async def let_playback_finish(self, what: str) -> None:
-        """Wait until the caller has heard the agent's last words (at most a few seconds)."""
+        """Wait until the caller has heard the agent's last words: as long as they take to play.
+
+        A voicemail message can be many seconds of audio still queued on the phone.
+        """
+        playback = self.call.phone.playback
         try:
-            async with asyncio.timeout(GOODBYE_PLAYBACK_LIMIT):
-                await self.call.phone.playback.drained.wait()
+            async with asyncio.timeout(max(0.0, playback.playing_until - time.monotonic()) + PLAYBACK_SLACK):
+                await playback.drained.wait()
         except TimeoutError:
-            self.call.log.warning("%s is still playing after %g s", what, GOODBYE_PLAYBACK_LIMIT)
+            self.call.log.warning("%s is still playing %g s after it should have ended", what, PLAYBACK_SLACK)
 
     async def hang_up(self, end: End) -> None:
         call = self.call
         call.relay.stats.count("relay_hang_ups_total", end.cause)
         call.log.info("hanging up: %s", end.reason)
         try:
-            if call.config.twilio_rest and call.phone.rest_sid:
+            if call.config.twilio_rest and call.phone.rest_sid and not call.record.twilio_stopped:
                 with contextlib.suppress(TwilioError):
                     await self.twilio_rest("hang up", "", {"Status": "completed"})
         finally:  # whatever Twilio's REST API did, the call ends
@@ -2270,6 +2278,7 @@ class Call:
                     self.relay.count_error("relay_bug")
                     self.log.error("pump failed", exc_info=task.exception())
         finally:
+            self.phone.playback.drained.set()  # the phone has stopped playing: an ending need not wait for it
             if self.control.task is not None:  # let a hang-up or transfer that Twilio has begun finish
                 await asyncio.wait({self.control.task}, timeout=TWILIO_REST_TIMEOUT)
             self.caller_audio.stop()

@@ -2607,6 +2607,21 @@ def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: 
     assert no_secrets_in(lines)
 
 
+def test_a_caller_who_hangs_up_during_the_goodbye_is_not_hung_up_on_again() -> None:
+    async def scenario() -> None:
+        async with rest_call(respond=begin_only) as (rest, the_relay, twilio, session):
+            await session.say("item_bye", speech(1, 30))  # a 3 s goodbye
+            await call_end_call(session)
+            await eventually(lambda: twilio.played_bytes > 0)
+            await twilio.stop()  # the caller hangs up while it plays
+            await twilio.close()
+            await eventually(lambda: not the_relay.calls)
+            assert rest.requests == []  # Twilio has ended the call already: nothing to ask of it
+            assert the_relay.stats.errors("twilio_rest") == 0
+
+    run(scenario)
+
+
 @pytest.mark.parametrize("failure", ["500", "404", "401", "slow", "cut"])
 def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
     failure: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
@@ -3532,14 +3547,15 @@ def test_without_voicemail_an_outbound_call_is_connected_at_once_as_before() -> 
 
 
 def test_a_machine_hears_the_message_in_the_agents_voice_then_the_relay_hangs_up(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     heard: list[tuple[int, int]] = []
     phones: list[FakeTwilio] = []
+    monkeypatch.setattr(relay, "GOODBYE_PLAYBACK_LIMIT", 1.0)  # 8 s in real life: the message plays longer
 
     async def scenario() -> None:
         fake = FakeOpenAI()
-        fake.respond = speaking_for(8, heard, phones)
+        fake.respond = speaking_for(20, heard, phones)
         async with fake.running(), FakeTwilioRest().running() as rest:
             async with running_relay(fake, None, **rest.env(), GREETING="") as (the_relay, url):
                 twilio = FakeTwilio(url)
@@ -3556,7 +3572,7 @@ def test_a_machine_hears_the_message_in_the_agents_voice_then_the_relay_hangs_up
                 assert "voicemail" not in update["instructions"] and MESSAGE not in update["instructions"]
                 assert instructions_asked(session) == [relay.VOICEMAIL_INSTRUCTIONS + MESSAGE]  # not the greeting
                 assert rest.requests[-1][1] == {"Status": "completed"}
-                assert rest.played_at_request == [8 * CHUNK_MS * 8]  # hung up once the message had played
+                assert rest.played_at_request == [20 * CHUNK_MS * 8]  # hung up once the message had played
                 assert (await metrics(the_relay))['relay_hang_ups_total{cause="voicemail"}'] == 1
 
     with caplog.at_level(logging.INFO, logger="relay"):
@@ -3770,7 +3786,8 @@ def test_the_browser_phone_calls_the_agent_as_a_phone_would(
             await function_call(session, "opening_hours", "{}", "call_1", "resp_b")
             await agent_transcript(session, "item_b1", "We are open from nine to five.")
             await response_done(session, "resp_b")
-            text = await browser.until("document.querySelector('#transcript').innerText.includes('nine to five')"
+            text = await browser.until("['nine to five', 'opening_hours'].every((words) =>"
+                                       " document.querySelector('#transcript').innerText.includes(words))"
                                        " && document.querySelector('#transcript').innerText")
             assert "Where is my order A-1?" in text and "opening_hours" in text
             screenshot = os.environ.get("RELAY_PHONE_SCREENSHOT")
