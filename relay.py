@@ -991,12 +991,14 @@ class Floor:
         tools        function calls still running; ``filled`` once the wait was filled
         ending       a hang-up or transfer asked for; ``ended`` once it has begun
         check_ins    times the agent asked a silent caller whether they are still there
+        caller_speaking   turn detection heard the caller begin and not yet stop
 
     Its states, derived from those (``state``):
         ENDED        the hang-up or transfer has begun: nothing more is decided
         BUSY         a request in flight, a response running, or a tool running
         NO_SESSION   nothing going on, but no session to ask: only an ending may begin
-        FREE         nothing going on: an ending begins if asked for, else an owed answer
+        FREE         nothing going on: an ending begins if asked for, else an owed answer,
+                     unless the caller is speaking: the answer their turn gets sees it then
 
     Whose silence it is (``silence``), when nothing is said or asked and no ending waits:
         "caller"     FREE with nothing owed: the caller's turn; after IDLE_SECONDS, a check-in
@@ -1011,7 +1013,7 @@ class Floor:
         refused(id, code)   that request is over; what it covered is owed again, except when
                             a plain request was refused for its own sake (it would be again)
         tool_started(), tool_finished()   (the output that follows brings the decision)
-        speech_started(), speech_stopped()   the caller speaks; they are there, see caller_is_there()
+        speech_started(), speech_stopped()   the caller speaks, so they are there (caller_is_there())
         caller_is_there()   the caller spoke or pressed a key: check-ins start again, and a
                             goodbye to a silent caller that has not ended the call yet is called off
         silent(whose)       that silence lasted: a check-in, after IDLE_PROMPTS of them a goodbye
@@ -1019,7 +1021,7 @@ class Floor:
         end(kind, reason, cause)     the ending waits for the floor to be free
         end_now(kind, reason, cause) the ending begins whatever is going on
         ending_failed()     Twilio refused a transfer: the call goes on
-        lost(kept)          the session is gone with its items, request and response
+        lost(kept)          the session is gone with its items, request, response and speech
         ready()             a session is up
         say(instructions)   ask now if nothing is being said or asked, else not at all
         greet(instructions) say() once per call, once a session is up
@@ -1078,7 +1080,7 @@ class Floor:
         if self.ending is not None:
             self.ended = True
             return self.ending
-        if state == "FREE" and self.owed:
+        if state == "FREE" and self.owed and not self.caller_speaking:
             return self.ask("")
         return None
 
@@ -1192,6 +1194,7 @@ class Floor:
         self.session = False
         self.request = None
         self.responding = False
+        self.caller_speaking = False
         self.unconfirmed = set(kept)
         self.owed = bool(kept)
         return self.next()

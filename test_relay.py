@@ -1136,6 +1136,11 @@ async def speech_started(session: FakeSession) -> None:
     await session.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": 1000, "item_id": "item_user"})
 
 
+async def speech_stopped(session: FakeSession) -> None:
+    """The caller's turn ends; server VAD's answer to it follows, as it does with the real API."""
+    await session.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": 1500, "item_id": "item_user"})
+
+
 def test_barge_in_truncates_at_what_the_caller_heard(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         async with one_call() as (_, _, twilio, session):
@@ -1872,6 +1877,23 @@ def test_floor_a_drop_during_a_tool_answers_in_the_new_session() -> None:
     play_floor([("new_item", (), None), (NEXT, (), None), ("ready", (), "ask")])
 
 
+def test_floor_an_answer_owed_while_the_caller_speaks_waits_for_their_turn_to_end() -> None:
+    """Never over the caller: the answer turn detection gives their turn sees what is owed."""
+    floor = play_floor([UP, ("created", (), None), ("tool_started", (), None), ("done", (), None),
+                        ("speech_started", (), None), ("tool_finished", (), None), ("new_item", (), None),
+                        ("confirmed", ("relay_1",), None), (NEXT, (), None),  # the caller speaks: no request
+                        ("speech_stopped", (), None), ("created", (), None),  # their turn's answer sees it
+                        ("done", (), None)])
+    assert floor.state == "FREE" and not floor.owed
+    # A result OpenAI confirms only after that answer began is asked for after it.
+    play_floor([UP, ("speech_started", (), None), ("new_item", (), None), (NEXT, (), None),
+                ("speech_stopped", (), None), ("created", (), None), ("confirmed", ("relay_1",), None),
+                ("done", (), "ask")])
+    # A session lost while the caller speaks leaves no speaker behind: the next one is asked.
+    play_floor([UP, ("speech_started", (), None), ("new_item", (), None), ("lost", ({"relay_1"},), None),
+                ("ready", (), "ask")])
+
+
 def test_floor_hang_up_and_transfer_wait_for_the_floor_then_end_it() -> None:
     floor = play_floor([UP, ("created", (), None), ("tool_started", (), None),
                         ("end", ("hang_up", "the agent ended the call", "agent_hung_up"), None),
@@ -2144,6 +2166,7 @@ def test_a_caller_who_barges_in_while_a_tool_runs_still_hears_its_result(shop_to
             await function_call(session, "order_status", '{"order": "A"}', "call_1")
             await response_done(session, "resp_1")
             await speech_started(session)
+            await speech_stopped(session)
             await response_created(session, "resp_vad")  # server VAD answers the caller
             shop_tools["gate"].put_nowait("go")
             await eventually(lambda: "call_1" in tool_outputs(session))
@@ -2156,6 +2179,7 @@ def test_a_caller_who_barges_in_while_a_tool_runs_still_hears_its_result(shop_to
             await function_call(session, "order_status", '{"order": "B"}', "call_2", "resp_3")
             await response_done(session, "resp_3")
             await speech_started(session)
+            await speech_stopped(session)
             await response_created(session, "resp_vad2")
             await response_done(session, "resp_vad2")
             await asyncio.sleep(0.2)
@@ -2179,6 +2203,28 @@ def test_a_caller_who_barges_in_while_a_tool_runs_still_hears_its_result(shop_to
             await eventually(lambda: creates() == 4)
             await asyncio.sleep(0.2)
             assert creates() == 4 and not session.active  # answered once: nothing more
+
+    run(scenario)
+
+
+def test_a_tool_result_that_comes_while_the_caller_speaks_is_not_spoken_over_them(
+    shop_tools: dict[str, Any],
+) -> None:
+    async def scenario() -> None:
+        async with one_call(shop_tools["tools"]) as (_, _, _, session):
+            await response_created(session, "resp_1")
+            await function_call(session, "order_status", '{"order": "A"}', "call_1")
+            await response_done(session, "resp_1")
+            await speech_started(session)  # the caller goes on talking
+            shop_tools["gate"].put_nowait("go")
+            await eventually(lambda: "call_1" in tool_outputs(session))
+            await asyncio.sleep(0.2)
+            assert not session.of_type("response.create")  # never over the caller
+            await speech_stopped(session)
+            await response_created(session, "resp_vad")  # server VAD answers their turn, the result in view
+            await response_done(session, "resp_vad")
+            await asyncio.sleep(0.2)
+            assert not session.of_type("response.create")  # that answer has covered the result
 
     run(scenario)
 
