@@ -1117,7 +1117,7 @@ class Floor:
         self.owed = True
         return item_id
 
-    def confirmed(self, item_id: Any) -> None:
+    def confirmed(self, item_id: str) -> None:
         self.unconfirmed.discard(item_id)
 
     def owe(self) -> None:
@@ -1218,7 +1218,7 @@ def read_twilio_frame(message: str | bytes) -> dict[str, Any]:
         raise BadInput("binary frame", f"{len(message)} bytes")
     try:
         event = json.loads(message)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise BadInput("non-JSON text", repr(message[:80])) from None
     if not isinstance(event, dict):
         raise BadInput("JSON that is not an object", repr(message[:80]))
@@ -1720,7 +1720,7 @@ class OpenAILink:
                     elif event.get("type") == "error" and nested(event, "error", "event_id") == "relay_summary":
                         self.log.warning("OpenAI refused the summary: %s", nested(event, "error", "message"))
                         return ""
-        except (TimeoutError, ConnectionClosed, ValueError, AttributeError) as problem:
+        except (TimeoutError, ConnectionClosed, ValueError, AttributeError, RecursionError) as problem:
             self.log.warning("no summary of the call: %s", type(problem).__name__)
         return ""
 
@@ -2477,7 +2477,7 @@ class Call:
         try:
             event = json.loads(message)
             kind = event["type"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):
             self.log.warning("ignoring unreadable message from OpenAI: %r", message[:80])
             return
         if kind == "response.output_audio.delta":
@@ -2503,7 +2503,9 @@ class Call:
             self.floor.created()
             self.dead_air.restart()
         elif kind in ("conversation.item.added", "conversation.item.created"):
-            self.floor.confirmed(nested(event, "item", "id"))
+            item_id = nested(event, "item", "id")
+            if isinstance(item_id, str):
+                self.floor.confirmed(item_id)
         elif kind == "response.output_item.done":
             await self.tool_runner.on_output_item(event.get("item"))
         elif kind in ("response.output_audio.done", "response.done"):

@@ -1020,6 +1020,24 @@ def test_openai_error_events_are_logged_loudly_and_the_call_goes_on(caplog: pyte
     assert any("unknown_parameter" in m and "session.voicez" in m and "invalid_request_error" in m for m in errors)
 
 
+def test_messages_from_openai_the_relay_cannot_read_are_logged_and_the_call_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, the_relay, twilio, session):
+            for message in ("not json", "[" * 5000, "[1, 2]", '{"no_type": 1}'):
+                await session.ws.send(message)
+            await session.send({"type": "conversation.item.added", "item": {"id": ["not", "an", "id"]}})
+            await session.say("item_1", [audio(9, 1)])
+            await eventually(lambda: len(twilio.media) == 1)
+            assert the_relay.calls and the_relay.stats.errors("relay_bug") == 0
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    unreadable = [r for r in caplog.records if "ignoring unreadable message from OpenAI" in r.getMessage()]
+    assert len(unreadable) == 4 and all(r.levelno == logging.WARNING for r in unreadable)
+
+
 def test_a_request_refused_for_another_reason_frees_the_floor(caplog: pytest.LogCaptureFixture) -> None:
     async def refuse_the_greeting(session: FakeSession, request: dict[str, Any]) -> None:
         if "Greet" not in request.get("response", {}).get("instructions", ""):
@@ -1654,6 +1672,7 @@ HOSTILE_FRAMES: list[str | bytes] = [
     '{"event": "media", "media": {"payload": "!!not base64!!"}}', '{"event": "media", "media": {"payload": "abc"}}',
     '{"event": "mark"}', '{"event": "mark", "mark": {"name": 3}}',
     '{"event": "dtmf", "dtmf": {"digit": "12"}}', '{"event": "dtmf", "dtmf": {"digit": "\\"; drop"}}',
+    "[" * 5000,  # nested deeper than a parser can follow
     b"\x00\x01\x02", b"",
 ]
 
