@@ -1365,8 +1365,10 @@ class Phone:
 
     @property
     def direction(self) -> str:
-        """inbound, outbound (relay.py call) or browser (/phone)."""
-        return "browser" if self.browser else self.parameters.get("direction", "inbound")
+        """inbound, outbound (relay.py call) or browser (/phone): never anything else, as a label."""
+        if self.browser:
+            return "browser"
+        return "outbound" if self.parameters.get("direction") == "outbound" else "inbound"
 
     @property
     def rest_sid(self) -> str:
@@ -1924,8 +1926,11 @@ class CallControl:
         else:
             call.log.info("time limit reached: hanging up when the current answer ends")
             await call.carry_out(call.floor.next())
-        await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
-        await call.carry_out(call.floor.end_now("hang_up", reason, "time_limit"))
+        while True:  # until the call ends: a transfer under way that fails does not keep it going
+            await asyncio.sleep(GOODBYE_PLAYBACK_LIMIT)  # no goodbye came: hang up anyway
+            ending = call.floor.end_now("hang_up", reason, "time_limit")
+            if ending is not None:
+                await call.carry_out(ending)
 
     def begin(self, end: End) -> None:
         """End the call as the floor decided, beside the pumps, once the last words have played."""

@@ -1652,6 +1652,20 @@ def test_metrics_count_calls_audio_and_barge_ins() -> None:
     run(scenario)
 
 
+def test_a_call_parameter_cannot_break_the_metrics_or_add_to_their_labels() -> None:
+    async def scenario() -> None:
+        async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
+            twilio = await FakeTwilio(url).open(customParameters={"direction": 'x"} 1\nrelay_forged_total 7'})
+            await eventually(lambda: bool(the_relay.calls) and all(call.stream_sid for call in the_relay.calls))
+            numbers = await metrics(the_relay)
+            started = {name: n for name, n in numbers.items() if name.startswith("relay_calls_started_total")}
+            assert started == {'relay_calls_started_total{direction="inbound"}': 1}
+            assert "relay_forged_total" not in numbers
+            await twilio.close()
+
+    run(scenario)
+
+
 def test_a_socket_that_never_starts_a_stream_is_closed() -> None:
     async def scenario() -> None:
         async with FakeOpenAI().running() as fake, running_relay(fake) as (the_relay, url):
@@ -2778,6 +2792,26 @@ def test_a_failed_transfer_keeps_the_call_and_the_agent_says_so(caplog: pytest.L
     with caplog.at_level(logging.INFO):
         run(scenario)
     assert any("Twilio did not transfer: HTTP 404" in r.getMessage() for r in caplog.records)
+
+
+def test_a_transfer_that_fails_after_the_time_limit_does_not_lift_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(relay, "GOODBYE_PLAYBACK_LIMIT", 0.5)  # 8 s in real life
+
+    async def scenario() -> None:
+        async with rest_call("404", TRANSFER_TO="+15551234567", MAX_CALL_SECONDS="1") as (rest, the_relay, twilio,
+                                                                                          session):
+            rest.delay = 3  # Twilio refuses the transfer only after the time limit has come
+            await response_created(session, "resp_1")
+            await function_call(session, "transfer_call", "{}", "call_t")
+            await response_done(session, "resp_1")
+            await eventually(lambda: bool(rest.requests))
+            rest.delay = 0
+            await twilio.closed.wait()  # the call ends at its limit all the same
+            numbers = await metrics(the_relay)
+            assert numbers['relay_transfers_total{outcome="failed"}'] == 1
+            assert numbers['relay_hang_ups_total{cause="time_limit"}'] == 1
+
+    run(scenario)
 
 
 @pytest.mark.parametrize("failure", ["", "500"])
