@@ -3175,7 +3175,9 @@ class WebhookConnection(ServerConnection):
         if len(fields) != 1:
             return -1
         ((name, value),) = fields
-        return int(value) if name == b"content-length" and value.isdigit() else -1
+        if name != b"content-length" or not value.isdigit():
+            return -1
+        return int(value) if len(value) < 10 else MAX_FORM_BYTES + 1  # too long a number to read is too large
 
     def hand_on(self, status: int = 0, problem: str = "") -> None:
         """End the head for websockets' parser: process_request then answers the POST."""

@@ -2514,6 +2514,7 @@ def test_a_post_that_is_too_large_slow_or_not_a_form_gets_a_clear_status(monkeyp
             cases = [
                 (post_request("/twiml", at_the_cap, {}), 200, b"<Response>"),
                 (post_request("/twiml", big, {}), 413, f"The form is larger than {relay.MAX_FORM_BYTES} bytes.".encode()),
+                (post_request("/twiml", "From=%2B1555", {"Content-Length": "9" * 5000}), 413, b"The form is larger"),
                 (post_request("/twiml", "From=%2B1555", {"Content-Length": "100"}), 408, b"The form came too slowly."),
                 (chunked, 411, b"A POST here needs a Content-Length"),
                 (unsized, 411, b"A POST here needs a Content-Length"),
@@ -2535,7 +2536,7 @@ def test_a_post_that_is_too_large_slow_or_not_a_form_gets_a_clear_status(monkeyp
             answer = await reader.read()
             writer.close()
             assert answer.startswith(b"HTTP/1.1 200 OK") and b'<Parameter name="answered_by" value="human" />' in answer
-            assert (await metrics(the_relay))['relay_calls_refused_total{reason="form"}'] == 6
+            assert (await metrics(the_relay))['relay_calls_refused_total{reason="form"}'] == 7
             assert not fake.sessions
 
     run(scenario)
