@@ -2293,6 +2293,8 @@ class Call:
             tasks = [*pumps, clock, *self.tasks]
             for task in tasks:
                 task.cancel()
+            if self.link.session is not None:  # no rollover now: the session is kept for the summary
+                self.link.session.stop_rollover()
             await asyncio.gather(*tasks, return_exceptions=True)
             self.dead_air.stop()  # after the pumps, which may have timed a silence as they ended
             await self.phone.twilio.close(1011 if self.link.failed else 1000)

@@ -3412,6 +3412,24 @@ def test_a_summary_asked_while_the_agent_speaks_cancels_the_answer_first() -> No
     run(scenario)
 
 
+def test_a_rollover_that_falls_due_while_the_summary_is_asked_does_not_cut_it_off() -> None:
+    async def slow_summaries(session: FakeSession, request: dict[str, Any]) -> None:
+        if request.get("event_id") == "relay_summary":
+            await asyncio.sleep(1.5)  # the session is due for its rollover meanwhile
+        await session.answer(request)
+
+    async def scenario() -> None:
+        async with FakeReceiver().running() as receiver:
+            env = {"CALL_REPORT_URL": receiver.url, "CALL_REPORT_SECRET": REPORT_SECRET, "CALL_SUMMARY": "on",
+                   "SESSION_ROLLOVER_SECONDS": "1"}
+            async with rest_call(respond=slow_summaries, **env) as (_, _, twilio, session):
+                await twilio.stop()
+                await eventually(lambda: bool(receiver.posts), limit=5)
+                assert receiver.reports()[0]["summary"] == SUMMARY_TEXT
+
+    run(scenario)
+
+
 @pytest.mark.parametrize(("statuses", "posts", "outcome"), [
     ((500,), 2, "delivered"),  # a server error is retried
     ((429, 503), 3, "delivered"),
