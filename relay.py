@@ -331,8 +331,13 @@ def names(pattern: str) -> Parse:
 
 
 def web_address(example: str, schemes: tuple[str, ...] = ("https",)) -> Parse:
-    """A URL like ``example`` (see _url), without a trailing slash."""
-    return lambda name, text: _url(name, text.rstrip("/"), example, schemes).geturl()
+    """A URL like ``example`` (see _url), kept as written: a receiver may tell /calls from /calls/."""
+
+    def parse(name: str, text: str) -> str:
+        _url(name, text, example, schemes)
+        return text
+
+    return parse
 
 
 def _is_loopback(host: str) -> bool:
@@ -421,7 +426,7 @@ def twilio_account(env: Mapping[str, str]) -> TwilioAccount | None:
     secret = env.get("TWILIO_API_SECRET", "").strip()
     token = env.get("TWILIO_AUTH_TOKEN", "").strip()
     base_url = env.get("TWILIO_API_BASE_URL", "").strip() or "https://api.twilio.com"
-    base_url = web_address("https://api.twilio.com")("TWILIO_API_BASE_URL", base_url)
+    base_url = web_address("https://api.twilio.com")("TWILIO_API_BASE_URL", base_url).rstrip("/")
     if token:
         AUTH_TOKEN("TWILIO_AUTH_TOKEN", token)
     if sid and not re.fullmatch(r"AC[0-9a-fA-F]{32}", sid):
@@ -512,7 +517,7 @@ class Config:
     @property
     def openai_url(self) -> str:
         """The Realtime WebSocket URL, made from OPENAI_BASE_URL as the official SDK does."""
-        parts = urllib.parse.urlsplit(self.openai_base_url)
+        parts = urllib.parse.urlsplit(self.openai_base_url.rstrip("/"))
         scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
         query = urllib.parse.urlencode({"model": self.openai_model})
         return urllib.parse.urlunsplit((scheme, parts.netloc, parts.path + "/realtime", query, ""))

@@ -582,6 +582,8 @@ def test_config_defaults_and_realtime_url() -> None:
     local = relay.load_config({"OPENAI_API_KEY": API_KEY, "OPENAI_BASE_URL": "http://127.0.0.1:9/v1/",
                                "OPENAI_MODEL": "my-model"})
     assert local.openai_url == "ws://127.0.0.1:9/v1/realtime?model=my-model"
+    hook = "https://crm.example.com/hooks/calls/"  # kept as written: many receivers redirect /calls to /calls/
+    assert relay.load_config({"OPENAI_API_KEY": API_KEY, "CALL_REPORT_URL": hook}).call_report_url == hook
 
 
 @pytest.mark.parametrize(
