@@ -226,6 +226,7 @@ EARLY_EVENT_LIMIT = 100  # other events kept meanwhile: keypad presses, tool out
 REDIAL_PAUSE = 0.5  # seconds between new sessions that OpenAI closes before they do anything
 GOODBYE_PLAYBACK_LIMIT = 8.0  # seconds a goodbye the relay asked for may take to come and play
 PLAYBACK_SLACK = 3.0  # seconds after the agent's last words should have played that their mark may echo
+TURN_ANSWER_WAIT = 1.5  # seconds turn detection's answer to the caller may take before the relay asks for it
 BYTES_PER_MS = 8  # G.711 mu-law at 8 kHz: one byte per sample
 MAX_FRAME_BYTES = 2**16  # from Twilio; a media frame is under 1 KiB
 MAX_FORM_BYTES = 8 * 1024  # a POST webhook's form body; Twilio's is about 1 KiB
@@ -1008,6 +1009,8 @@ class Floor:
     Whose silence it is (``silence``), when nothing is said or asked and no ending waits:
         "caller"     FREE with nothing owed: the caller's turn; after IDLE_SECONDS, a check-in
         "tool"       a tool runs: after TOOL_FILLER_SECONDS, one line to fill the wait
+        "owed"       FREE with an answer owed that the caller's turn ended over, and turn
+                     detection's answer to it has not begun: after TURN_ANSWER_WAIT, the answer
     The call times it from when the caller has heard the agent's last words.
 
     Events (each method that can decide returns the decision):
@@ -1070,12 +1073,12 @@ class Floor:
 
     @property
     def silence(self) -> str:
-        """Whose silence it is, if nothing is being said or asked: "caller", "tool", or ""."""
+        """Whose silence it is, if nothing is being said or asked: "caller", "tool", "owed", or ""."""
         if self.ended or self.ending or not self.session or self.request or self.responding or self.caller_speaking:
             return ""
         if self.tools:
             return "" if self.filled else "tool"
-        return "" if self.owed else "caller"
+        return "owed" if self.owed else "caller"
 
     def next(self) -> Decision:
         """What happens now: the one place where the call is ended or an answer asked for."""
@@ -1175,6 +1178,8 @@ class Floor:
         if whose == "tool":
             self.filled = True
             return self.ask(TOOL_FILLER)
+        if whose == "owed":
+            return self.ask("")
         if self.check_ins < self.idle_prompts:
             self.check_ins += 1
             return self.ask(IDLE_CHECK_IN)
@@ -1865,7 +1870,8 @@ class DeadAir:
         if not (call.phone.started.is_set() and call.phone.playback.drained.is_set()):
             return
         whose = call.floor.silence
-        seconds = {"caller": call.config.idle_seconds, "tool": call.config.tool_filler_seconds}.get(whose)
+        seconds = {"caller": call.config.idle_seconds, "tool": call.config.tool_filler_seconds,
+                   "owed": TURN_ANSWER_WAIT}.get(whose)
         if seconds:  # 0 turns it off
             self.timer = asyncio.get_running_loop().call_later(seconds, lambda: call.spawn(self.fill(whose)))
 
@@ -1878,7 +1884,10 @@ class DeadAir:
         if decision is None:
             return
         stats = call.relay.stats
-        if whose == "tool":
+        if whose == "owed":
+            call.log.warning("no answer to the caller's turn came within %g s: the relay asks for one",
+                             TURN_ANSWER_WAIT)
+        elif whose == "tool":
             stats.count("relay_tool_fillers_total")
             call.log.info("a tool is still running %g s after the agent's last words: the agent fills the wait",
                           call.config.tool_filler_seconds)

@@ -1924,6 +1924,10 @@ def test_floor_an_answer_owed_while_the_caller_speaks_waits_for_their_turn_to_en
     play_floor([UP, ("speech_started", (), None), ("new_item", (), None), (NEXT, (), None),
                 ("speech_stopped", (), None), ("created", (), None), ("confirmed", ("relay_1",), None),
                 ("done", (), "ask")])
+    # Should turn detection's answer not come, the silence that follows is the relay's to fill.
+    floor = play_floor([UP, ("speech_started", (), None), ("new_item", (), None), (NEXT, (), None),
+                        ("speech_stopped", (), None), ("silent", ("owed",), "ask")])
+    assert floor.silence == ""
     # A session lost while the caller speaks leaves no speaker behind: the next one is asked.
     play_floor([UP, ("speech_started", (), None), ("new_item", (), None), ("lost", ({"relay_1"},), None),
                 ("ready", (), "ask")])
@@ -1970,7 +1974,7 @@ def test_floor_no_silence_is_filled_while_anything_goes_on() -> None:
     """A timer that fires late, after its silence has ended, decides nothing."""
     for steps in ([UP, ("created", (), None)],  # a response runs
                   [UP, ("speech_started", (), None)],  # the caller speaks
-                  [UP, ("new_item", (), None)],  # something is owed an answer
+                  [UP, ("new_item", (), None), (NEXT, (), "ask")],  # something owed is being answered
                   [UP, ("end", ("transfer", "", "transferred"), None)],  # a transfer waits
                   [UP, ("end_now", ("hang_up", "", "agent_hung_up"), "hang_up")],  # a hang-up is under way
                   []):  # no session
@@ -2262,6 +2266,26 @@ def test_a_tool_result_that_comes_while_the_caller_speaks_is_not_spoken_over_the
             assert not session.of_type("response.create")  # that answer has covered the result
 
     run(scenario)
+
+
+def test_an_answer_owed_when_the_callers_turn_ends_is_asked_for_if_turn_detection_gives_none(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def scenario() -> None:
+        async with one_call() as (_, _, twilio, session):
+            await speech_started(session)
+            await press(twilio, "1")  # while the caller speaks: their turn's answer should see it
+            await eventually(lambda: bool(session.of_type("conversation.item.create")))
+            await speech_stopped(session)
+            await session.send({"type": "error", "event_id": "event_9", "error": {  # that answer fails
+                "type": "server_error", "code": "server_error", "message": "The server had an error",
+                "param": None, "event_id": None}})
+            await eventually(lambda: bool(session.of_type("response.create")))
+            assert "response" not in session.of_type("response.create")[0]  # the answer, not a check-in
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("no answer to the caller's turn came within 1.5 s" in r.getMessage() for r in caplog.records)
 
 
 def test_a_remote_mcp_server_is_offered_and_its_failures_are_logged(caplog: pytest.LogCaptureFixture) -> None:
