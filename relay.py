@@ -1028,7 +1028,7 @@ class Floor:
                             then a hang-up, or a tool's filler line
         end(kind, reason, cause)     the ending waits for the floor to be free
         end_now(kind, reason, cause) the ending begins whatever is going on
-        ending_failed()     Twilio refused a transfer: the call goes on
+        ending_failed()     the transfer did not happen (Twilio refused it, or the caller hung up)
         lost(kept)          the session is gone with its items, request, response and speech
         ready()             a session is up
         say(instructions)   ask now if nothing is being said or asked, else not at all
@@ -1918,6 +1918,7 @@ class CallControl:
     def __init__(self, call: Call) -> None:
         self.call = call
         self.task: asyncio.Task[None] | None = None  # the hang-up or transfer under way
+        self.asked = ""  # what the relay last asked of Twilio's REST API: "hang up", "transfer"...
 
     async def watch_the_clock(self) -> None:
         """Drop sockets that never start a stream; end calls at MAX_CALL_SECONDS."""
@@ -1956,6 +1957,9 @@ class CallControl:
         if end.kind == "hang_up":
             await self.hang_up(end)
             return
+        if call.record.twilio_stopped:  # the caller hung up during the handover line
+            call.floor.ending_failed()
+            return
         failure = await self.transfer()
         if failure:  # the agent is told, so it can apologise and carry on: never silence
             call.floor.ending_failed()
@@ -1964,12 +1968,11 @@ class CallControl:
 
     def why_twilio_stopped(self) -> str:
         """Twilio said "stop": for the log, what that means."""
-        ending = self.call.floor.ending
-        if ending is None:
-            return "the caller hung up (Twilio stopped the stream)"
-        if ending.kind == "transfer":
+        if self.asked == "transfer":
             return "Twilio stopped the stream: the call is being transferred"
-        return "Twilio stopped the stream: the relay is hanging up"
+        if self.asked == "hang up":
+            return "Twilio stopped the stream: the relay is hanging up"
+        return "the caller hung up (Twilio stopped the stream)"
 
     async def let_playback_finish(self, what: str) -> None:
         """Wait until the caller has heard the agent's last words: as long as they take to play.
@@ -2019,6 +2022,7 @@ class CallControl:
 
     async def twilio_rest(self, what: str, resource: str, fields: Mapping[str, str]) -> dict[str, Any]:
         """POST to ``Calls/{CallSid}{resource}.json`` off the event loop; a failure is logged and counted."""
+        self.asked = what
         try:
             if not self.call.call_sid:
                 raise TwilioError("the stream has no callSid")

@@ -2728,6 +2728,27 @@ def test_a_caller_who_hangs_up_during_the_goodbye_is_not_hung_up_on_again() -> N
     run(scenario)
 
 
+def test_a_caller_who_hangs_up_during_the_handover_line_is_not_transferred(caplog: pytest.LogCaptureFixture) -> None:
+    async def scenario() -> None:
+        async with FakeReceiver().running() as receiver, rest_call(
+                TRANSFER_TO="+15551234567", CALL_REPORT_URL=receiver.url) as (rest, the_relay, twilio, session):
+            await response_created(session, "resp_1")
+            await session.say("item_handover", speech(1, 30))  # a 3 s handover line
+            await function_call(session, "transfer_call", "{}", "call_t")
+            await response_done(session, "resp_1")
+            await eventually(lambda: twilio.played_bytes > 0)
+            await twilio.stop()  # the caller hangs up while it plays
+            await twilio.close()
+            await eventually(lambda: bool(receiver.posts))
+            assert rest.requests == []  # nobody is left to transfer
+            assert not session.of_type("response.create")  # nor to hear an apology
+            assert receiver.reports()[0]["ending"] == "caller_hung_up"
+
+    with caplog.at_level(logging.INFO, logger="relay"):
+        run(scenario)
+    assert any("the caller hung up (Twilio stopped the stream)" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("failure", ["500", "404", "401", "slow", "cut"])
 def test_a_failed_rest_hang_up_falls_back_to_closing_the_stream(
     failure: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
