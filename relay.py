@@ -1391,6 +1391,11 @@ class Phone:
             with contextlib.suppress(ConnectionClosed):
                 await self.twilio.send(json.dumps(event))
 
+    async def show_turn(self, key: str, turn: Turn | None) -> None:
+        """On the browser phone, show a turn of the conversation once it has words."""
+        if turn is not None and turn.text:
+            await self.show({"event": "transcript", "id": key, **turn.said()})
+
     async def play(self, event: dict[str, Any]) -> bool:
         """Forward one chunk of the agent's voice, with a mark to learn when it has been heard.
 
@@ -2067,7 +2072,8 @@ class ToolRunner:
         finally:  # the floor must never wait for a tool that is gone
             self.call.floor.tool_finished()
         seconds = time.monotonic() - started
-        self.call.relay.stats.count("relay_tool_calls_total", name if name in self.call.relay.tools else "unknown", outcome)
+        known = name if name in self.call.relay.tools else "unknown"  # a label's values must stay few
+        self.call.relay.stats.count("relay_tool_calls_total", known, outcome)
         self.call.relay.stats.observe("relay_tool_call_seconds", seconds)
         await self.call.phone.show({"event": "tool", **self.call.record.tool(name, outcome, seconds)})
         self.call.log.info("tool %s: %s in %.0f ms", name[:64], outcome, seconds * 1000)
@@ -2390,8 +2396,9 @@ class Call:
                 try:
                     if not await self.on_twilio_event(read_twilio_frame(message)):
                         return
-                except BadInput as bad:
-                    self.bad_input(bad.problem, bad.detail)
+                except BadInput as bad:  # counted each time, logged once per kind of problem
+                    self.relay.count_error("bad_twilio_input")
+                    self.log.warn_once(bad.problem, "ignoring bad input from Twilio: %s (%s)", bad.problem, bad.detail)
         except ConnectionClosed as closed:
             if closed.sent is not None and closed.sent.code == 1009:
                 self.relay.count_error("twilio_frame_too_big")
@@ -2473,11 +2480,6 @@ class Call:
         await self.add_to_conversation(text_message(press))
         self.transcript.note("user", press)
 
-    def bad_input(self, problem: str, detail: str) -> None:
-        """Count bad input from Twilio, and warn once per kind of problem per call."""
-        self.relay.count_error("bad_twilio_input")
-        self.log.warn_once(problem, "ignoring bad input from Twilio: %s (%s)", problem, detail)
-
     # OpenAI -> Twilio
 
     async def openai_to_twilio(self) -> None:
@@ -2528,8 +2530,7 @@ class Call:
             self.floor.created()
             self.dead_air.restart()
         elif kind in ("conversation.item.added", "conversation.item.created"):
-            item_id = nested(event, "item", "id")
-            if isinstance(item_id, str):
+            if isinstance(item_id := nested(event, "item", "id"), str):
                 self.floor.confirmed(item_id)
         elif kind == "response.output_item.done":
             await self.tool_runner.on_output_item(event.get("item"))
@@ -2561,7 +2562,7 @@ class Call:
         await self.link.outbox.send({"type": "conversation.item.truncate", "item_id": cut.item_id,
                                      "content_index": cut.content_index, "audio_end_ms": cut.heard_ms})
         self.transcript.cut_off(cut.item_id, cut.heard_ms, cut.sent_ms)
-        await self.show_turn(cut.item_id)
+        await self.phone.show_turn(cut.item_id, self.transcript.turns.get(cut.item_id))
         self.relay.stats.count("relay_barge_ins_total")
         self.record.barge_ins += 1
         self.log.info("the caller interrupted: heard %d ms of %d ms sent", cut.heard_ms, cut.sent_ms)
@@ -2608,12 +2609,7 @@ class Call:
         self.transcript.write(item_id, role, text)
         if self.config.log_transcripts:
             self.log.info("%s: %s", who, text)
-        await self.show_turn(item_id)
-
-    async def show_turn(self, key: str) -> None:
-        turn = self.transcript.turns.get(key)
-        if turn is not None and turn.text:
-            await self.phone.show({"event": "transcript", "id": key, **turn.said()})
+        await self.phone.show_turn(item_id, self.transcript.turns.get(item_id))
 
 
 # 5. The relay: HTTP routes and shared bookkeeping --------------------------------
@@ -2627,14 +2623,16 @@ METRICS: tuple[tuple[str, str, str, tuple[Any, ...]], ...] = (
     ("relay_calls_started_total", "counter", "Streams started, by direction (browser: /phone).", ("direction",)),
     ("relay_calls_refused_total", "counter", "Handshakes refused, by reason.", ("reason",)),
     ("relay_call_duration_seconds", "histogram", "Length of finished calls.", (10, 30, 60, 120, 300, 600, 1800, 3600)),
-    ("relay_openai_connect_seconds", "histogram", "Time to open the OpenAI WebSocket.", (0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
+    ("relay_openai_connect_seconds", "histogram", "Time to open the OpenAI WebSocket.",
+     (0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
     ("relay_errors_total", "counter", "Errors, by kind.", ("kind",)),
     ("relay_audio_frames_total", "counter", "Audio messages forwarded, by direction.", ("direction",)),
     ("relay_audio_bytes_total", "counter", "Audio bytes (mu-law) forwarded, by direction.", ("direction",)),
     ("relay_barge_ins_total", "counter", "Times the caller interrupted the agent.", ()),
     ("relay_frames_dropped_total", "counter", "Audio messages dropped, by reason.", ("reason",)),
     ("relay_tool_calls_total", "counter", "Tool calls run by the relay, by tool and outcome.", ("tool", "outcome")),
-    ("relay_tool_call_seconds", "histogram", "Time tools took, timeouts included.", (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
+    ("relay_tool_call_seconds", "histogram", "Time tools took, timeouts included.",
+     (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)),
     ("relay_transfers_total", "counter", "Transfers to TRANSFER_TO, by outcome.", ("outcome",)),
     ("relay_openai_reconnects_total", "counter", "Calls carried over to a new OpenAI session, by reason.", ("reason",)),
     ("relay_hang_ups_total", "counter", "Calls the relay hung up, by cause (silence: an idle caller).", ("cause",)),
