@@ -1283,13 +1283,20 @@ def test_an_earlier_answer_heard_in_full_does_not_count_for_the_next() -> None:
     run(scenario)
 
 
+@contextlib.asynccontextmanager
+async def a_call_not_yet_configured() -> AsyncIterator[tuple[FakeOpenAI, relay.Relay, FakeTwilio, FakeSession]]:
+    """One call whose session.update OpenAI has yet to answer: ``fake.configure.set()`` answers it."""
+    fake = FakeOpenAI()
+    fake.configure.clear()
+    async with fake.running(), running_relay(fake) as (the_relay, url):
+        twilio = await FakeTwilio(url).open()
+        yield fake, the_relay, twilio, await fake.session()
+        await twilio.close()
+
+
 def test_the_agent_greets_only_once_the_session_is_configured() -> None:
     async def scenario() -> None:
-        fake = FakeOpenAI()
-        fake.configure.clear()
-        async with fake.running(), running_relay(fake) as (_, url):
-            twilio = await FakeTwilio(url).open()
-            session = await fake.session()
+        async with a_call_not_yet_configured() as (fake, _, twilio, session):
             await twilio.send_media([audio(1, i) for i in range(5)])
             await eventually(lambda: session.caller_audio() == pcm([audio(1, i) for i in range(5)]))  # the relay is live...
             assert not session.of_type("response.create")  # ...but waits for session.updated
@@ -1297,24 +1304,18 @@ def test_the_agent_greets_only_once_the_session_is_configured() -> None:
             await eventually(lambda: bool(session.of_type("response.create")))
             (greeting,) = session.of_type("response.create")
             assert "Hi, this is Tessa. How can I help you today?" in greeting["response"]["instructions"]
-            await twilio.close()
 
     run(scenario)
 
 
 def test_no_greeting_over_an_answer_to_a_caller_who_spoke_first() -> None:
     async def scenario() -> None:
-        fake = FakeOpenAI()
-        fake.configure.clear()
-        async with fake.running(), running_relay(fake) as (the_relay, url):
-            twilio = await FakeTwilio(url).open()
-            session = await fake.session()
+        async with a_call_not_yet_configured() as (fake, the_relay, _, session):
             await response_created(session, "resp_vad")  # server VAD answers "Hello?" before session.updated
             fake.configure.set()
             await eventually(lambda: all(configured(call) for call in the_relay.calls))
             await asyncio.sleep(0.1)
             assert not session.of_type("response.create")  # no conversation_already_has_active_response
-            await twilio.close()
 
     run(scenario)
 
@@ -1423,14 +1424,19 @@ def test_max_call_seconds_says_goodbye_then_hangs_up(caplog: pytest.LogCaptureFi
     assert any("hanging up: the call reached MAX_CALL_SECONDS (1 s)" in r.message for r in caplog.records)
 
 
+async def session_expired(session: FakeSession) -> None:
+    """What OpenAI sends when a session reaches its 60 minutes."""
+    await session.send({"type": "error", "error": {
+        "type": "invalid_request_error", "code": "session_expired",
+        "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+
+
 def test_without_continuity_an_expired_openai_session_ends_the_call_cleanly(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     async def scenario() -> None:
         async with one_call(SESSION_CONTINUITY="off") as (_, _, twilio, session):
-            await session.send({"type": "error", "error": {
-                "type": "invalid_request_error", "code": "session_expired",
-                "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+            await session_expired(session)
             await twilio.closed.wait()
             assert twilio.close_code == 1000
 
@@ -1446,9 +1452,7 @@ def test_without_continuity_an_expiry_mid_answer_hangs_up_once_what_was_sent_has
         async with one_call(SESSION_CONTINUITY="off") as (_, _, twilio, session):
             await agent_begins(session, "resp_1", "item_a")
             await session.say("item_a", speech(1, 5, ms=50))  # 250 ms: marks at 100 and 200, a 50 ms tail
-            await session.send({"type": "error", "error": {
-                "type": "invalid_request_error", "code": "session_expired",
-                "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+            await session_expired(session)
             await twilio.closed.wait()
             assert twilio.played_bytes == 5 * 50 * 8  # all of it was heard, the tail included
             assert twilio.close_code == 1000
@@ -2695,8 +2699,7 @@ def test_the_relay_hangs_up_through_rest_after_the_goodbye(ending: str, caplog: 
             if ending == "end_call":
                 await call_end_call(session)
             elif ending == "session_expired":
-                await session.send({"type": "error", "error": {"type": "invalid_request_error",
-                                    "code": "session_expired", "message": "60 minutes", "param": None}})
+                await session_expired(session)
             else:
                 await response_done(session, "resp_1")
             await twilio.closed.wait()
@@ -4237,9 +4240,7 @@ def test_a_session_is_rolled_over_at_a_quiet_moment_before_its_limit(caplog: pyt
 def test_an_expired_session_is_replaced_when_continuity_is_on(caplog: pytest.LogCaptureFixture) -> None:
     async def scenario() -> None:
         async with one_call() as (fake, the_relay, twilio, first):
-            await first.send({"type": "error", "error": {
-                "type": "invalid_request_error", "code": "session_expired",
-                "message": "Your session hit the maximum duration of 60 minutes.", "param": None}})
+            await session_expired(first)
             second = await fake.session(1)
             await second.say("item_b1", speech(2, 1))
             await eventually(lambda: twilio.media == speech(2, 1))
