@@ -1028,7 +1028,7 @@ class Floor:
                             then a hang-up, or a tool's filler line
         end(kind, reason, cause)     the ending waits for the floor to be free
         end_now(kind, reason, cause) the ending begins whatever is going on
-        ending_failed()     the transfer did not happen (Twilio refused it, or the caller hung up)
+        ending_failed()     the ending did not happen: Twilio refused a transfer, or the caller hung up first
         lost(kept)          the session is gone with its items, request, response and speech
         ready()             a session is up
         say(instructions)   ask now if nothing is being said or asked, else not at all
@@ -1959,11 +1959,11 @@ class CallControl:
     async def carry_out(self, end: End) -> None:
         call = self.call
         await self.let_playback_finish("the handover line" if end.kind == "transfer" else "the goodbye")
+        if call.record.twilio_stopped:  # the caller hung up while it played: nothing is left to end or move
+            call.floor.ending_failed()
+            return
         if end.kind == "hang_up":
             await self.hang_up(end)
-            return
-        if call.record.twilio_stopped:  # the caller hung up during the handover line
-            call.floor.ending_failed()
             return
         failure = await self.transfer()
         if failure:  # the agent is told, so it can apologise and carry on: never silence
@@ -1996,7 +1996,7 @@ class CallControl:
         call.relay.stats.count("relay_hang_ups_total", end.cause)
         call.log.info("hanging up: %s", end.reason)
         try:
-            if call.config.twilio_rest and call.phone.rest_sid and not call.record.twilio_stopped:
+            if call.config.twilio_rest and call.phone.rest_sid:
                 with contextlib.suppress(TwilioError):
                     await self.twilio_rest("hang up", "", {"Status": "completed"})
         finally:  # whatever Twilio's REST API did, the call ends

@@ -2727,6 +2727,7 @@ def test_a_caller_who_hangs_up_during_the_goodbye_is_not_hung_up_on_again() -> N
             await eventually(lambda: not the_relay.calls)
             assert rest.requests == []  # Twilio has ended the call already: nothing to ask of it
             assert the_relay.stats.errors("twilio_rest") == 0
+            assert "relay_hang_ups_total" not in "".join(await metrics(the_relay))  # the caller ended it
 
     run(scenario)
 
